@@ -1,0 +1,3 @@
+//! Broker semantics of Sluice.
+
+pub mod filter;

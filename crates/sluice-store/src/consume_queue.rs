@@ -1,0 +1,410 @@
+//! Consume queues: the per-(topic, queue) index into the commit log.
+//!
+//! A consumer reads a queue by logical offset. Each queue is a directory
+//! `consumequeue/<topic>/<queue_id>/` of files holding `entries_per_file` fixed-size entries,
+//! each file named by the queue offset of its first entry (20 digits).
+//!
+//! ```text
+//!  entry (28 bytes, little-endian)
+//!   0  8  commit-log offset of the record
+//!   8  4  record size
+//!  12  8  tag hash (FNV-1a 64 of the tag, 0 = no tag)
+//!  20  8  store timestamp, ms
+//! ```
+//!
+//! Invariants: entry `n` of a queue lives at byte `(n - file_start) * 28` of its file; a
+//! queue's commit-log offsets increase with the queue offset; an all-zero entry is a hole
+//! (skipped by readers). Write: only the store's writer thread appends. Read: readers see
+//! entries below `visible`, which moves after the record is durable (Sync) or written (Async).
+//! Recover: entries that point past the valid end of the commit log are cut off, and missing
+//! ones are written again by replaying the commit log. Delete: retention drops files whose
+//! every entry points below the commit log's minimum offset.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::fs::{VFile, Vfs, join, offset_name, parse_offset_name};
+
+pub const CQ_ENTRY_SIZE: u64 = 28;
+
+/// One consume-queue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CqEntry {
+    pub clog_offset: u64,
+    pub size: u32,
+    pub tag_hash: u64,
+    pub store_ts: i64,
+}
+
+impl CqEntry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.clog_offset.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.tag_hash.to_le_bytes());
+        out.extend_from_slice(&self.store_ts.to_le_bytes());
+    }
+
+    /// Decodes one entry from exactly 28 bytes.
+    pub fn decode(b: &[u8]) -> Option<CqEntry> {
+        if b.len() != CQ_ENTRY_SIZE as usize {
+            return None;
+        }
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        Some(CqEntry {
+            clog_offset: u64_at(0),
+            size: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            tag_hash: u64_at(12),
+            store_ts: u64_at(20) as i64,
+        })
+    }
+
+    pub fn is_hole(&self) -> bool {
+        self.size == 0
+    }
+}
+
+/// FNV-1a 64 of a tag; 0 is reserved for "no tag".
+pub fn tag_hash(tag: &str) -> u64 {
+    let h = crate::index::fnv1a(tag.as_bytes());
+    if h == 0 { 1 } else { h }
+}
+
+pub(crate) struct ConsumeQueue {
+    pub topic: String,
+    pub queue_id: u32,
+    dir: PathBuf,
+    entries_per_file: u64,
+    files: RwLock<BTreeMap<u64, Arc<dyn VFile>>>,
+    /// Lowest offset still readable (moved by retention).
+    pub min_offset: AtomicU64,
+    /// Entries written to the files (next offset to assign). Writer thread only.
+    pub written: AtomicU64,
+    /// Entries readers may see.
+    pub visible: AtomicU64,
+    /// Entries known durable on disk.
+    synced: AtomicU64,
+    /// Set when the writer added entries since the last checkpoint.
+    pub dirty: AtomicBool,
+    /// Set when a file or directory was created since the last checkpoint.
+    new_files: AtomicBool,
+}
+
+impl ConsumeQueue {
+    pub fn dir_for(root: &Path, topic: &str, queue_id: u32) -> PathBuf {
+        root.join(topic).join(queue_id.to_string())
+    }
+
+    /// Opens (or creates) a queue directory. A trailing partial entry is cut off; the
+    /// returned flag says whether the files looked damaged (partial entry or a short file
+    /// in the middle), in which case the caller rebuilds from the commit log.
+    pub fn open(
+        vfs: &dyn Vfs,
+        root: &Path,
+        topic: &str,
+        queue_id: u32,
+        entries_per_file: u64,
+    ) -> io::Result<(ConsumeQueue, bool)> {
+        let dir = Self::dir_for(root, topic, queue_id);
+        let created = !vfs.exists(&dir);
+        vfs.create_dir_all(&dir)?;
+        let mut files = BTreeMap::new();
+        let mut damaged = false;
+        let mut next = 0u64;
+        let names = vfs.list_dir(&dir)?;
+        let starts: Vec<u64> = names.iter().filter_map(|n| parse_offset_name(n)).collect();
+        for (i, &start) in starts.iter().enumerate() {
+            let f = vfs.open(&join(&dir, &offset_name(start)), false)?;
+            let len = f.len()?;
+            let whole = len / CQ_ENTRY_SIZE * CQ_ENTRY_SIZE;
+            if whole != len {
+                damaged = true;
+                f.set_len(whole)?;
+            }
+            let n = whole / CQ_ENTRY_SIZE;
+            if i + 1 < starts.len() && n != entries_per_file {
+                damaged = true;
+            }
+            if start % entries_per_file != 0 {
+                damaged = true;
+            }
+            next = start + n;
+            files.insert(start, f);
+        }
+        let min = starts.first().copied().unwrap_or(0);
+        let q = ConsumeQueue {
+            topic: topic.to_owned(),
+            queue_id,
+            dir,
+            entries_per_file,
+            files: RwLock::new(files),
+            min_offset: AtomicU64::new(min),
+            written: AtomicU64::new(next),
+            visible: AtomicU64::new(next),
+            synced: AtomicU64::new(next),
+            dirty: AtomicBool::new(false),
+            new_files: AtomicBool::new(created),
+        };
+        Ok((q, damaged))
+    }
+
+    fn file_for(
+        &self,
+        vfs: &dyn Vfs,
+        start: u64,
+        create: bool,
+    ) -> io::Result<Option<Arc<dyn VFile>>> {
+        if let Some(f) = self.files.read().get(&start) {
+            return Ok(Some(f.clone()));
+        }
+        if !create {
+            return Ok(None);
+        }
+        let f = vfs.open(&join(&self.dir, &offset_name(start)), true)?;
+        self.files.write().insert(start, f.clone());
+        self.new_files.store(true, Ordering::Release);
+        Ok(Some(f))
+    }
+
+    /// Writes entries for offsets `first..first + entries.len()`.
+    pub fn write(&self, vfs: &dyn Vfs, first: u64, entries: &[CqEntry]) -> io::Result<()> {
+        let mut off = first;
+        let mut rest = entries;
+        let mut buf = Vec::with_capacity(entries.len() * CQ_ENTRY_SIZE as usize);
+        while !rest.is_empty() {
+            let start = off / self.entries_per_file * self.entries_per_file;
+            let room = (start + self.entries_per_file - off) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            buf.clear();
+            for e in now {
+                e.encode(&mut buf);
+            }
+            let f = self
+                .file_for(vfs, start, true)?
+                .ok_or_else(|| io::Error::other("no file"))?;
+            f.write_all_at(&buf, (off - start) * CQ_ENTRY_SIZE)?;
+            off += now.len() as u64;
+            rest = later;
+        }
+        self.written.fetch_max(off, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads up to `max` entries from `from`, stopping at `visible`.
+    pub fn read(&self, vfs: &dyn Vfs, from: u64, max: u64) -> io::Result<Vec<CqEntry>> {
+        let end = self
+            .visible
+            .load(Ordering::Acquire)
+            .min(from.saturating_add(max));
+        let mut out = Vec::new();
+        let mut off = from;
+        let mut buf = Vec::new();
+        while off < end {
+            let start = off / self.entries_per_file * self.entries_per_file;
+            let stop = end.min(start + self.entries_per_file);
+            let Some(f) = self.file_for(vfs, start, false)? else {
+                // A file removed by retention: skip to the next one.
+                off = start + self.entries_per_file;
+                continue;
+            };
+            buf.resize(((stop - off) * CQ_ENTRY_SIZE) as usize, 0);
+            f.read_exact_at(&mut buf, (off - start) * CQ_ENTRY_SIZE)?;
+            for c in buf.chunks_exact(CQ_ENTRY_SIZE as usize) {
+                out.push(CqEntry::decode(c).unwrap_or_default());
+            }
+            off = stop;
+        }
+        Ok(out)
+    }
+
+    pub fn entry(&self, vfs: &dyn Vfs, offset: u64) -> io::Result<Option<CqEntry>> {
+        Ok(self.read(vfs, offset, 1)?.into_iter().next())
+    }
+
+    /// Reads an entry below `written` regardless of visibility (recovery only).
+    pub fn entry_written(&self, vfs: &dyn Vfs, offset: u64) -> io::Result<Option<CqEntry>> {
+        if offset >= self.written.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let start = offset / self.entries_per_file * self.entries_per_file;
+        let Some(f) = self.file_for(vfs, start, false)? else {
+            return Ok(None);
+        };
+        let mut b = [0u8; CQ_ENTRY_SIZE as usize];
+        f.read_exact_at(&mut b, (offset - start) * CQ_ENTRY_SIZE)?;
+        Ok(CqEntry::decode(&b))
+    }
+
+    /// Drops entries at and after `next` (recovery).
+    pub fn truncate(&self, vfs: &dyn Vfs, next: u64) -> io::Result<()> {
+        let mut files = self.files.write();
+        let starts: Vec<u64> = files.keys().copied().collect();
+        for start in starts {
+            if start >= next && !(start == 0 && next == 0 && files.len() == 1) {
+                if let Some(_f) = files.remove(&start) {
+                    vfs.remove_file(&join(&self.dir, &offset_name(start)))?;
+                }
+            } else if start + self.entries_per_file > next {
+                if let Some(f) = files.get(&start) {
+                    f.set_len((next - start) * CQ_ENTRY_SIZE)?;
+                }
+            }
+        }
+        self.written.store(next, Ordering::Release);
+        self.visible.store(next, Ordering::Release);
+        self.synced.store(
+            next.min(self.synced.load(Ordering::Acquire)),
+            Ordering::Release,
+        );
+        if self.min_offset.load(Ordering::Acquire) > next {
+            self.min_offset.store(next, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Number of entries visible to readers.
+    pub fn max_offset(&self) -> u64 {
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// Makes written entries and new files durable; called by the checkpoint.
+    pub fn sync(&self, vfs: &dyn Vfs, root: &Path) -> io::Result<()> {
+        // Clear the flag before reading `written`: entries the writer adds from now on mark
+        // the queue dirty again, so no checkpoint can miss them.
+        self.dirty.store(false, Ordering::Release);
+        let written = self.written.load(Ordering::Acquire);
+        let synced = self.synced.load(Ordering::Acquire);
+        if written > synced {
+            let files: Vec<Arc<dyn VFile>> = self
+                .files
+                .read()
+                .range(synced / self.entries_per_file * self.entries_per_file..)
+                .map(|(_, f)| f.clone())
+                .collect();
+            for f in files {
+                // Consume-queue data is derived, but syncing it lets recovery start from the
+                // checkpoint instead of replaying the whole commit log.
+                f.sync_data()?;
+            }
+            self.synced.store(written, Ordering::Release);
+        }
+        if self.new_files.swap(false, Ordering::AcqRel) {
+            // New queue files and directories must survive a crash before the checkpoint
+            // claims their entries.
+            vfs.sync_dir(&self.dir)?;
+            if let Some(topic_dir) = self.dir.parent() {
+                vfs.sync_dir(topic_dir)?;
+            }
+            vfs.sync_dir(root)?;
+        }
+        Ok(())
+    }
+
+    /// First offset whose store timestamp is at or after `ts` (`max_offset` if none).
+    pub fn offset_for_time(&self, vfs: &dyn Vfs, ts: i64) -> io::Result<u64> {
+        let (mut lo, mut hi) = (self.min_offset.load(Ordering::Acquire), self.max_offset());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.entry(vfs, mid)? {
+                Some(e) if !e.is_hole() && e.store_ts < ts => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Retention: moves the minimum offset past entries below `clog_min` and deletes files
+    /// whose every entry lies there.
+    pub fn advance_min(&self, vfs: &dyn Vfs, clog_min: u64) -> io::Result<u64> {
+        let (mut lo, mut hi) = (self.min_offset.load(Ordering::Acquire), self.max_offset());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.entry(vfs, mid)? {
+                Some(e) if e.clog_offset < clog_min => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        self.min_offset.fetch_max(lo, Ordering::AcqRel);
+        let mut files = self.files.write();
+        let doomed: Vec<u64> = files
+            .keys()
+            .copied()
+            .filter(|&s| s + self.entries_per_file <= lo)
+            .collect();
+        for s in doomed {
+            files.remove(&s);
+            vfs.remove_file(&join(&self.dir, &offset_name(s)))?;
+        }
+        Ok(lo)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::StdFs;
+
+    fn e(i: u64) -> CqEntry {
+        CqEntry {
+            clog_offset: i * 100,
+            size: 100,
+            tag_hash: i,
+            store_ts: 1000 + i as i64,
+        }
+    }
+
+    #[test]
+    fn write_read_across_files_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = StdFs;
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4).expect("open");
+        assert!(!damaged);
+        let entries: Vec<_> = (0..10).map(e).collect();
+        q.write(&fs, 0, &entries).expect("write");
+        q.visible.store(10, Ordering::SeqCst);
+        assert_eq!(q.read(&fs, 0, 100).expect("read"), entries);
+        assert_eq!(q.read(&fs, 3, 4).expect("read"), entries[3..7].to_vec());
+        assert_eq!(q.offset_for_time(&fs, 1005).expect("time"), 5);
+        assert_eq!(q.offset_for_time(&fs, 99_999).expect("time"), 10);
+        drop(q);
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4).expect("reopen");
+        assert!(!damaged);
+        assert_eq!(q.max_offset(), 10);
+        assert_eq!(q.read(&fs, 8, 100).expect("read"), entries[8..].to_vec());
+        q.truncate(&fs, 5).expect("truncate");
+        assert_eq!(q.max_offset(), 5);
+        assert_eq!(q.advance_min(&fs, 450).expect("advance"), 5);
+        q.write(&fs, 5, &entries[5..]).expect("write");
+        q.visible.store(10, Ordering::SeqCst);
+        assert_eq!(q.advance_min(&fs, 450).expect("advance"), 5);
+        // The file holding entries 0..4 is gone; the next file starts at entry 4.
+        assert_eq!(q.read(&fs, 4, 100).expect("read")[0], e(4));
+        assert!(!dir.path().join("t").join("0").join(offset_name(0)).exists());
+    }
+
+    #[test]
+    fn partial_entry_is_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = StdFs;
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("open");
+        q.write(&fs, 0, &[e(0), e(1)]).expect("write");
+        drop(q);
+        let path = dir.path().join("t").join("1").join(offset_name(0));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open file");
+        f.set_len(40).expect("truncate");
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("reopen");
+        assert!(damaged);
+        assert_eq!(q.written.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,167 @@
+//! A failure-injecting file system for fault tests.
+//!
+//! Wraps a real [`Vfs`] and can: fail fsyncs with EIO, fail or shorten writes (ENOSPC, torn
+//! writes), slow fsyncs down, report little free space, and simulate power loss by cutting
+//! every file back to what was last synced (the LazyFS idea). Behaviour is switched through
+//! a shared [`Faults`] handle while the store runs.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::fs::{VFile, Vfs};
+
+/// Switches shared by a [`FaultyFs`] and the test driving it.
+#[derive(Default)]
+pub struct Faults {
+    /// Every `sync_data` fails with EIO while set.
+    pub fail_sync: AtomicBool,
+    /// Every write fails with ENOSPC while set.
+    pub fail_write: AtomicBool,
+    /// The next write persists only this many bytes and then fails (0 = off).
+    pub torn_write_bytes: AtomicU64,
+    /// Each `sync_data` sleeps this many milliseconds first.
+    pub sync_delay_ms: AtomicU64,
+    /// `available_space` reports this (u64::MAX = ask the real file system).
+    pub available_space: AtomicU64,
+    /// Number of `sync_data` calls that succeeded.
+    pub syncs: AtomicU64,
+    synced_len: Mutex<HashMap<PathBuf, u64>>,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Self> {
+        let f = Self::default();
+        f.available_space.store(u64::MAX, Ordering::SeqCst);
+        Arc::new(f)
+    }
+}
+
+/// A [`Vfs`] that injects the faults switched on in its [`Faults`].
+pub struct FaultyFs<F: Vfs> {
+    inner: F,
+    faults: Arc<Faults>,
+}
+
+impl<F: Vfs> FaultyFs<F> {
+    pub fn new(inner: F, faults: Arc<Faults>) -> Self {
+        Self { inner, faults }
+    }
+
+    /// Simulates power loss: cuts every file written through this file system back to the
+    /// length it had at its last successful sync. Call it with the store closed or dropped.
+    pub fn lose_unsynced(&self) -> io::Result<()> {
+        let synced = self.faults.synced_len.lock().clone();
+        for (path, len) in synced {
+            if let Ok(f) = self.inner.open(&path, false) {
+                if f.len()? > len {
+                    f.set_len(len)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct FaultyFile {
+    inner: Arc<dyn VFile>,
+    path: PathBuf,
+    faults: Arc<Faults>,
+}
+
+impl VFile for FaultyFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.faults.fail_write.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let torn = self.faults.torn_write_bytes.swap(0, Ordering::SeqCst) as usize;
+        if torn > 0 && torn < buf.len() {
+            self.inner.write_all_at(&buf[..torn], offset)?;
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.write_all_at(buf, offset)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        if self.faults.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync_data()?;
+        let len = self.inner.len()?;
+        self.faults.synced_len.lock().insert(self.path.clone(), len);
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)?;
+        // A truncation is metadata; treat it as immediately durable for the model.
+        let mut synced = self.faults.synced_len.lock();
+        let e = synced.entry(self.path.clone()).or_insert(len);
+        *e = (*e).min(len);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+impl<F: Vfs> Vfs for FaultyFs<F> {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
+        let existed = self.inner.exists(path);
+        let inner = self.inner.open(path, create)?;
+        let mut synced = self.faults.synced_len.lock();
+        // A file that existed before we saw it counts as synced as it is.
+        let len = if existed { inner.len()? } else { 0 };
+        synced.entry(path.to_path_buf()).or_insert(len);
+        drop(synced);
+        Ok(Arc::new(FaultyFile {
+            inner,
+            path: path.to_path_buf(),
+            faults: self.faults.clone(),
+        }))
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.faults.synced_len.lock().remove(path);
+        self.inner.remove_file(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        self.inner.list_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        if self.faults.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync_dir(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut synced = self.faults.synced_len.lock();
+        if let Some(len) = synced.remove(from) {
+            synced.insert(to.to_path_buf(), len);
+        }
+        drop(synced);
+        self.inner.rename(from, to)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn available_space(&self, path: &Path) -> io::Result<u64> {
+        match self.faults.available_space.load(Ordering::SeqCst) {
+            u64::MAX => self.inner.available_space(path),
+            n => Ok(n),
+        }
+    }
+}

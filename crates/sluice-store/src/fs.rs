@@ -1,0 +1,144 @@
+//! The file-system seam.
+//!
+//! All store I/O goes through [`Vfs`] and [`VFile`], so fault suites can swap in
+//! [`FaultyFs`](crate::faulty::FaultyFs), which fails fsyncs, tears writes or forgets
+//! un-synced data. [`StdFs`] is the real thing: positional reads and writes (`pread`/`pwrite`),
+//! `fdatasync` for data and `fsync` on directories.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One open file.
+pub trait VFile: Send + Sync {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at end of file).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Makes written data durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+
+    /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.read_at(buf, offset)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
+            }
+            buf = &mut buf[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A file system.
+pub trait Vfs: Send + Sync + 'static {
+    /// Opens a file for reading and writing, creating it when `create` is set.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (not paths), sorted.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Makes a directory's entries (created, removed, renamed files) durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Bytes available to unprivileged writers on the file system holding `path`.
+    fn available_space(&self, path: &Path) -> io::Result<u64>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+struct StdFile(File);
+
+impl VFile for StdFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(&self.0, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl Vfs for StdFs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .open(path)?;
+        Ok(Arc::new(StdFile(f)))
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(path)? {
+            names.push(e?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        // A directory fsync makes file creations, removals and renames durable.
+        File::open(path)?.sync_all()
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn available_space(&self, path: &Path) -> io::Result<u64> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `c` is a valid NUL-terminated string and `st` a properly sized out-pointer.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Joins a directory and a file name.
+pub(crate) fn join(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Segment-style file name: the start offset as 20 zero-padded digits.
+pub(crate) fn offset_name(offset: u64) -> String {
+    format!("{offset:020}")
+}
+
+/// Parses a name produced by [`offset_name`]; other names give `None`.
+pub(crate) fn parse_offset_name(name: &str) -> Option<u64> {
+    if name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()) {
+        name.parse().ok()
+    } else {
+        None
+    }
+}

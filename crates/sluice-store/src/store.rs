@@ -1,0 +1,1284 @@
+//! The engine: writer thread (group commit), flusher thread (durability, checkpoints),
+//! recovery, reads, lookups and retention.
+//!
+//! ```text
+//!  append() ──► channel ──► writer thread ──────────────► flusher thread
+//!                            drain every queued request     fdatasync segments in order
+//!                            assign queue offsets            (one sync in flight at a time)
+//!                            encode, one pwrite per batch    Sync: complete appends,
+//!                            write consume-queue entries           make entries visible
+//!                            add index entries               every checkpoint_interval:
+//!                            Async: complete appends now       sync queues + index, write
+//!                            Sync: hand completions over ──►   the checkpoint
+//! ```
+//!
+//! Group commit never waits on a timer: the writer takes whatever is queued when it becomes
+//! free, and the flusher syncs whatever was written when it becomes free, so the batch size
+//! adapts to the load. Readers only see records below the visibility line of their queue,
+//! which in Sync mode moves after the fdatasync, so a consumer never reads a record that a
+//! crash could take back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use sluice_common::{Clock, SystemClock, validate_resource_name};
+use tokio::sync::oneshot;
+
+use crate::checkpoint::Checkpoint;
+use crate::commitlog::CommitLog;
+use crate::consume_queue::{ConsumeQueue, CqEntry, tag_hash};
+use crate::fs::{StdFs, Vfs};
+use crate::index::{Index, id_hash, key_hash};
+use crate::record::{
+    self, AppendMessage, PROP_KEYS, PROP_MSG_ID, PROP_TAGS, Placement, StoredMessage,
+};
+use crate::{FlushPolicy, StoreConfig, StoreError};
+
+/// Where an appended message was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    pub queue_offset: u64,
+    pub physical_offset: u64,
+    pub store_ts: i64,
+    pub size: u32,
+}
+
+/// Outcome of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// Messages (possibly none after filtering) were scanned; continue at `next_offset`.
+    Found,
+    /// `offset` is the end of the queue.
+    NoNewMessage,
+    /// `offset` is below the queue's minimum (deleted by retention).
+    OffsetTooSmall,
+    /// `offset` is beyond the end of the queue.
+    OffsetOverflow,
+    /// The queue has never been written.
+    NoSuchQueue,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadBatch {
+    pub status: ReadStatus,
+    pub messages: Vec<StoredMessage>,
+    /// Offset to read from next.
+    pub next_offset: u64,
+    pub min_offset: u64,
+    pub max_offset: u64,
+}
+
+/// What opening the store found and did.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Commit-log offset the replay started from.
+    pub replayed_from: u64,
+    pub records_replayed: u64,
+    /// End of the valid commit log.
+    pub valid_end: u64,
+    /// Bytes of torn or invalid tail that were cut off.
+    pub dropped_bytes: u64,
+    /// File, offset and reason of the cut.
+    pub truncated_at: Option<(String, u64, String)>,
+    /// Consume queues were damaged or missing entries and were rebuilt from the whole log.
+    pub full_rebuild: bool,
+    pub duration: Duration,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: u32,
+    pub bytes_deleted: u64,
+    pub min_offset: u64,
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub appended_messages: u64,
+    pub appended_bytes: u64,
+    pub batches: u64,
+    pub fsyncs: u64,
+    pub fsync_nanos: u64,
+    /// Most fdatasyncs ever in flight at once on commit-log segments.
+    pub max_syncs_in_flight: u64,
+    pub written_offset: u64,
+    pub durable_offset: u64,
+    pub min_offset: u64,
+    pub disk_bytes: u64,
+    pub queues: u64,
+}
+
+type Listener = Arc<dyn Fn(&str, u32, u64) + Send + Sync>;
+type Reply = oneshot::Sender<Result<Vec<AppendResult>, StoreError>>;
+
+struct Request {
+    msgs: Vec<AppendMessage>,
+    reply: Reply,
+}
+
+struct FlushJob {
+    replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)>,
+    visible: Vec<(Arc<ConsumeQueue>, u64)>,
+}
+
+enum FlushMsg {
+    Job(FlushJob),
+    Kick,
+}
+
+struct Shared {
+    config: StoreConfig,
+    vfs: Arc<dyn Vfs>,
+    clock: Arc<dyn Clock>,
+    clog: CommitLog,
+    cq_root: PathBuf,
+    queues: RwLock<HashMap<String, HashMap<u32, Arc<ConsumeQueue>>>>,
+    index: Index,
+    written: AtomicU64,
+    durable: AtomicU64,
+    fenced: Mutex<Option<String>>,
+    is_fenced: AtomicBool,
+    dirty_queues: Mutex<Vec<Arc<ConsumeQueue>>>,
+    listener: RwLock<Option<Listener>>,
+    appended_messages: AtomicU64,
+    appended_bytes: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
+    syncs_in_flight: AtomicU64,
+    max_syncs_in_flight: AtomicU64,
+}
+
+impl Shared {
+    fn fence(&self, why: String) {
+        let mut f = self.fenced.lock();
+        if f.is_none() {
+            tracing::error!(reason = %why, "store fenced: refusing writes");
+            *f = Some(why);
+        }
+        self.is_fenced.store(true, Ordering::Release);
+    }
+
+    fn fenced_error(&self) -> Option<StoreError> {
+        if !self.is_fenced.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(StoreError::Fenced(
+            self.fenced.lock().clone().unwrap_or_default(),
+        ))
+    }
+
+    fn queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
+        self.queues
+            .read()
+            .get(topic)
+            .and_then(|m| m.get(&queue_id))
+            .cloned()
+    }
+
+    fn get_or_create_queue(
+        &self,
+        topic: &str,
+        queue_id: u32,
+    ) -> Result<(Arc<ConsumeQueue>, bool), StoreError> {
+        if let Some(q) = self.queue(topic, queue_id) {
+            return Ok((q, false));
+        }
+        let mut all = self.queues.write();
+        if let Some(q) = all.get(topic).and_then(|m| m.get(&queue_id)) {
+            return Ok((q.clone(), false));
+        }
+        let (q, damaged) = ConsumeQueue::open(
+            self.vfs.as_ref(),
+            &self.cq_root,
+            topic,
+            queue_id,
+            self.config.cq_entries_per_file,
+        )
+        .map_err(|e| {
+            StoreError::io(
+                "open consume queue",
+                &ConsumeQueue::dir_for(&self.cq_root, topic, queue_id),
+                e,
+            )
+        })?;
+        let q = Arc::new(q);
+        all.entry(topic.to_owned())
+            .or_default()
+            .insert(queue_id, q.clone());
+        Ok((q, damaged))
+    }
+
+    fn notify(&self, q: &ConsumeQueue, max: u64) {
+        if let Some(l) = self.listener.read().clone() {
+            l(&q.topic, q.queue_id, max);
+        }
+    }
+
+    /// fdatasyncs every segment holding bytes in `[from, to)`, oldest first.
+    fn sync_clog(&self, from: u64, to: u64) -> Result<(), StoreError> {
+        for seg in self.clog.segments() {
+            let len = seg
+                .file
+                .len()
+                .map_err(|e| StoreError::io("stat segment", &seg.path, e))?;
+            if !(seg.start < to && seg.start + len > from) {
+                continue;
+            }
+            let n = self.syncs_in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+            self.max_syncs_in_flight.fetch_max(n, Ordering::AcqRel);
+            let t = Instant::now();
+            // The durability point of the commit log: appends below `to` are acknowledged
+            // (Sync) or counted as durable (Async, checkpoint) only after this returns.
+            let r = seg.file.sync_data();
+            self.syncs_in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.fsync_nanos
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            r.map_err(|e| StoreError::io("fdatasync segment", &seg.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        // Everything below `written` already has consume-queue entries in the files.
+        let dispatched = self.written.load(Ordering::Acquire);
+        let dirty = std::mem::take(&mut *self.dirty_queues.lock());
+        for q in dirty {
+            q.sync(self.vfs.as_ref(), &self.cq_root)
+                .map_err(|e| StoreError::io("sync consume queue", &self.cq_root, e))?;
+        }
+        self.index
+            .persist()
+            .map_err(|e| StoreError::io("persist index", &self.config.data_dir, e))?;
+        let durable = self.durable.load(Ordering::Acquire);
+        let c = Checkpoint {
+            clog_durable: durable,
+            dispatched: dispatched.min(durable),
+        };
+        c.store(self.vfs.as_ref(), &self.config.data_dir)
+            .map_err(|e| StoreError::io("write checkpoint", &self.config.data_dir, e))
+    }
+}
+
+/// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    _lock: Option<std::fs::File>,
+}
+
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io("open lock file", &path, e))?;
+    // SAFETY: flock on a valid, open file descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Locked(dir.display().to_string()));
+    }
+    Ok(f)
+}
+
+impl Store {
+    /// Opens (recovering if needed) the store in `config.data_dir` on the real file system.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        Self::open_with(config, Arc::new(StdFs), Arc::new(SystemClock))
+    }
+
+    /// Opens the store over a given file system and clock.
+    pub fn open_with(
+        config: StoreConfig,
+        vfs: Arc<dyn Vfs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Store, StoreError> {
+        let started = Instant::now();
+        if config.max_record_size as u64 > config.segment_size {
+            return Err(StoreError::InvalidMessage(format!(
+                "max_record_size {} exceeds segment_size {}",
+                config.max_record_size, config.segment_size
+            )));
+        }
+        let root = config.data_dir.clone();
+        vfs.create_dir_all(&root)
+            .map_err(|e| StoreError::io("create data dir", &root, e))?;
+        let lock = lock_dir(&root)?;
+        let ckpt = match Checkpoint::load(vfs.as_ref(), &root) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint unreadable; verifying the whole commit log");
+                None
+            }
+        };
+        let clog = CommitLog::open(vfs.clone(), root.join("commitlog"), config.segment_size)
+            .map_err(|e| StoreError::io("open commit log", &root.join("commitlog"), e))?;
+        let cq_root = root.join("consumequeue");
+        vfs.create_dir_all(&cq_root)
+            .map_err(|e| StoreError::io("create dir", &cq_root, e))?;
+        let mut queues: HashMap<String, HashMap<u32, Arc<ConsumeQueue>>> = HashMap::new();
+        let mut damaged = false;
+        for topic in vfs
+            .list_dir(&cq_root)
+            .map_err(|e| StoreError::io("list", &cq_root, e))?
+        {
+            if validate_resource_name(&topic).is_err() {
+                continue;
+            }
+            let tdir = cq_root.join(&topic);
+            for qname in vfs
+                .list_dir(&tdir)
+                .map_err(|e| StoreError::io("list", &tdir, e))?
+            {
+                let Ok(qid) = qname.parse::<u32>() else {
+                    continue;
+                };
+                let (q, d) = ConsumeQueue::open(
+                    vfs.as_ref(),
+                    &cq_root,
+                    &topic,
+                    qid,
+                    config.cq_entries_per_file,
+                )
+                .map_err(|e| StoreError::io("open consume queue", &tdir.join(&qname), e))?;
+                if d {
+                    tracing::warn!(topic = %topic, queue = qid, "consume queue damaged; rebuilding from the commit log");
+                }
+                damaged |= d;
+                queues
+                    .entry(topic.clone())
+                    .or_default()
+                    .insert(qid, Arc::new(q));
+            }
+        }
+        let (index, idx_from) = Index::open(
+            vfs.clone(),
+            root.join("index"),
+            config.index_slots,
+            config.index_entries,
+        )
+        .map_err(|e| StoreError::io("open index", &root.join("index"), e))?;
+        if clog.last().is_none() {
+            clog.roll(0)
+                .map_err(|e| StoreError::io("create segment", &clog.dir, e))?;
+        }
+        let first = clog.segments().first().map(|s| s.start).unwrap_or(0);
+        let shared = Arc::new(Shared {
+            vfs,
+            clock,
+            clog,
+            cq_root,
+            queues: RwLock::new(queues),
+            index,
+            written: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            fenced: Mutex::new(None),
+            is_fenced: AtomicBool::new(false),
+            dirty_queues: Mutex::new(Vec::new()),
+            listener: RwLock::new(None),
+            appended_messages: AtomicU64::new(0),
+            appended_bytes: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            fsync_nanos: AtomicU64::new(0),
+            syncs_in_flight: AtomicU64::new(0),
+            max_syncs_in_flight: AtomicU64::new(0),
+            config,
+        });
+        let durable = ckpt.map(|c| c.clog_durable).unwrap_or(0);
+        let from = if damaged || ckpt.is_none() {
+            first
+        } else {
+            ckpt.map(|c| c.dispatched).unwrap_or(first).min(idx_from)
+        };
+        let mut report = Self::recover(&shared, from, durable)?;
+        if report.full_rebuild && from > first {
+            // A queue is missing entries from before the checkpoint: rebuild from the start.
+            tracing::warn!("consume queue gap found; replaying the whole commit log");
+            report = Self::recover(&shared, first, durable)?;
+            report.full_rebuild = true;
+        }
+        report.full_rebuild |= damaged;
+        // Retention may have deleted segments that queue files still point into.
+        let clog_min = shared.clog.min_offset.load(Ordering::Acquire);
+        let all: Vec<Arc<ConsumeQueue>> = shared
+            .queues
+            .read()
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect();
+        for q in all {
+            q.advance_min(shared.vfs.as_ref(), clog_min)
+                .map_err(|e| StoreError::io("trim consume queue", &shared.cq_root, e))?;
+        }
+        report.duration = started.elapsed();
+        if report.dropped_bytes > 0 {
+            tracing::warn!(
+                dropped_bytes = report.dropped_bytes,
+                at = ?report.truncated_at,
+                "recovery cut a torn or invalid commit-log tail"
+            );
+        }
+        tracing::info!(valid_end = report.valid_end, replayed = report.records_replayed, took = ?report.duration, "store recovered");
+
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ftx, frx) = mpsc::channel::<FlushMsg>();
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("sluice-store-writer".into())
+                .spawn(move || Writer::new(s, ftx).run(rx))
+                .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
+        );
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("sluice-store-flusher".into())
+                .spawn(move || flusher(s, frx))
+                .map_err(|e| StoreError::io("spawn flusher", Path::new("."), e))?,
+        );
+        Ok(Store {
+            shared,
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+            recovery: report,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Replays the commit log from `from`, rebuilding consume-queue and index entries, and
+    /// cuts an invalid tail.
+    fn recover(
+        shared: &Arc<Shared>,
+        from: u64,
+        durable: u64,
+    ) -> Result<RecoveryReport, StoreError> {
+        let mut pending: HashMap<(String, u32), (u64, Vec<CqEntry>)> = HashMap::new();
+        let mut idx_items = Vec::new();
+        let mut gap = false;
+        let vfs = shared.vfs.clone();
+        let flush_pending =
+            |key: &(String, u32), first: u64, entries: &[CqEntry]| -> Result<bool, StoreError> {
+                let (q, _) = shared.get_or_create_queue(&key.0, key.1)?;
+                let gap = first > q.written.load(Ordering::Acquire);
+                q.write(vfs.as_ref(), first, entries)
+                    .map_err(|e| StoreError::io("rebuild consume queue", &shared.cq_root, e))?;
+                Ok(gap)
+            };
+        let outcome = shared.clog.recover(
+            from,
+            durable,
+            shared.config.max_record_size as usize,
+            |off, s, rec| {
+                let topic = s.topic(rec).map_err(|e| shared.clog.corrupt(off, e))?;
+                let props = s.properties(rec).map_err(|e| shared.clog.corrupt(off, e))?;
+                let tag = record::property(&props, PROP_TAGS)
+                    .map(tag_hash)
+                    .unwrap_or(0);
+                let entry = CqEntry {
+                    clog_offset: off,
+                    size: s.size,
+                    tag_hash: tag,
+                    store_ts: s.store_ts,
+                };
+                let key = (topic.to_owned(), s.queue_id);
+                let slot = pending
+                    .entry(key.clone())
+                    .or_insert((s.queue_offset, Vec::new()));
+                if slot.0 + slot.1.len() as u64 != s.queue_offset || slot.1.len() >= 4096 {
+                    let (first, entries) = std::mem::replace(slot, (s.queue_offset, Vec::new()));
+                    if !entries.is_empty() {
+                        gap |= flush_pending(&key, first, &entries)?;
+                    }
+                }
+                slot.1.push(entry);
+                index_items(&props, topic, off, s.store_ts, &mut idx_items);
+                Ok(())
+            },
+        )?;
+        for (key, (first, entries)) in pending {
+            if !entries.is_empty() {
+                gap |= flush_pending(&key, first, &entries)?;
+            }
+        }
+        let end = outcome.valid_end;
+        // Cut consume-queue entries that point past the valid end (or are holes at the tail).
+        let all: Vec<Arc<ConsumeQueue>> = shared
+            .queues
+            .read()
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect();
+        for q in &all {
+            let written = q.written.load(Ordering::Acquire);
+            let mut n = written;
+            while n > q.min_offset.load(Ordering::Acquire) {
+                match q.entry_written(vfs.as_ref(), n - 1) {
+                    Ok(Some(e)) if !e.is_hole() && e.clog_offset + e.size as u64 <= end => break,
+                    Ok(_) => n -= 1,
+                    Err(e) => return Err(StoreError::io("read consume queue", &shared.cq_root, e)),
+                }
+            }
+            if n < written {
+                q.truncate(vfs.as_ref(), n)
+                    .map_err(|e| StoreError::io("truncate consume queue", &shared.cq_root, e))?;
+            }
+            q.visible.store(n, Ordering::Release);
+            if !q.dirty.swap(true, Ordering::AcqRel) {
+                shared.dirty_queues.lock().push(q.clone());
+            }
+        }
+        shared.index.truncate(end);
+        shared
+            .index
+            .add(&idx_items, end)
+            .map_err(|e| StoreError::io("rebuild index", &shared.config.data_dir, e))?;
+        shared.written.store(end, Ordering::Release);
+        // After a process crash the recovered tail may still sit in the page cache only.
+        shared.sync_clog(durable.min(end), end)?;
+        shared.durable.store(end, Ordering::Release);
+        shared.checkpoint()?;
+        Ok(RecoveryReport {
+            replayed_from: from,
+            records_replayed: outcome.records_scanned,
+            valid_end: end,
+            dropped_bytes: outcome.dropped_bytes,
+            truncated_at: outcome.truncated_at,
+            full_rebuild: gap,
+            duration: Duration::ZERO,
+        })
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared.config
+    }
+
+    /// Appends messages; resolves once they are stored according to the flush policy. The
+    /// messages of one call are stored contiguously and in order.
+    pub async fn append(&self, msgs: Vec<AppendMessage>) -> Result<Vec<AppendResult>, StoreError> {
+        let rx = self.submit(msgs)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Blocking form of [`Store::append`] for threads outside an async runtime.
+    pub fn append_blocking(
+        &self,
+        msgs: Vec<AppendMessage>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        let rx = self.submit(msgs)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit(
+        &self,
+        msgs: Vec<AppendMessage>,
+    ) -> Result<oneshot::Receiver<Result<Vec<AppendResult>, StoreError>>, StoreError> {
+        if let Some(e) = self.shared.fenced_error() {
+            return Err(e);
+        }
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.lock().clone().ok_or(StoreError::Closed)?;
+        tx.send(Request { msgs, reply })
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Called with (topic, queue id, new max offset) whenever records become visible.
+    pub fn set_arrival_listener(&self, f: impl Fn(&str, u32, u64) + Send + Sync + 'static) {
+        *self.shared.listener.write() = Some(Arc::new(f));
+    }
+
+    /// (min, max) offsets of a queue; (0, 0) for a queue never written.
+    pub fn queue_offsets(&self, topic: &str, queue_id: u32) -> (u64, u64) {
+        self.shared
+            .queue(topic, queue_id)
+            .map(|q| (q.min_offset.load(Ordering::Acquire), q.max_offset()))
+            .unwrap_or((0, 0))
+    }
+
+    /// Every (topic, queue id) with a consume queue.
+    pub fn queues(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .shared
+            .queues
+            .read()
+            .iter()
+            .flat_map(|(t, m)| m.keys().map(move |q| (t.clone(), *q)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Reads up to `max_msgs` messages (and about `max_bytes` of bodies, at least one
+    /// message) from a queue starting at `offset`. Entries for which `filter` returns false
+    /// are skipped without reading their records; at most `max(max_msgs * 16, 1024)` entries
+    /// are scanned per call.
+    pub fn read(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        max_msgs: u32,
+        max_bytes: u64,
+        filter: impl Fn(&CqEntry) -> bool,
+    ) -> Result<ReadBatch, StoreError> {
+        let Some(q) = self.shared.queue(topic, queue_id) else {
+            return Ok(ReadBatch {
+                status: ReadStatus::NoSuchQueue,
+                messages: vec![],
+                next_offset: 0,
+                min_offset: 0,
+                max_offset: 0,
+            });
+        };
+        let clog_min = self.shared.clog.min_offset.load(Ordering::Acquire);
+        let (min, max) = (q.min_offset.load(Ordering::Acquire), q.max_offset());
+        let mut batch = ReadBatch {
+            status: ReadStatus::Found,
+            messages: vec![],
+            next_offset: offset,
+            min_offset: min,
+            max_offset: max,
+        };
+        if offset < min {
+            batch.status = ReadStatus::OffsetTooSmall;
+            batch.next_offset = min;
+            return Ok(batch);
+        }
+        if offset == max {
+            batch.status = ReadStatus::NoNewMessage;
+            return Ok(batch);
+        }
+        if offset > max {
+            batch.status = ReadStatus::OffsetOverflow;
+            batch.next_offset = max;
+            return Ok(batch);
+        }
+        let scan = (max_msgs as u64 * 16).max(1024);
+        let entries = q
+            .read(self.shared.vfs.as_ref(), offset, scan)
+            .map_err(|e| StoreError::io("read consume queue", &self.shared.cq_root, e))?;
+        let mut chosen: Vec<(u64, CqEntry)> = Vec::new();
+        let mut bytes = 0u64;
+        let mut next = offset;
+        for (i, e) in entries.iter().enumerate() {
+            if chosen.len() as u32 >= max_msgs || (bytes >= max_bytes && !chosen.is_empty()) {
+                break;
+            }
+            next = offset + i as u64 + 1;
+            if e.is_hole() || e.clog_offset < clog_min || !filter(e) {
+                continue;
+            }
+            bytes += e.size as u64;
+            chosen.push((offset + i as u64, *e));
+        }
+        batch.messages = self.read_records(&chosen)?;
+        for (m, (qoff, _)) in batch.messages.iter().zip(&chosen) {
+            if m.topic != topic || m.queue_id != queue_id || m.queue_offset != *qoff {
+                return Err(self.shared.clog.corrupt(
+                    m.physical_offset,
+                    format!(
+                        "consume queue {topic}/{queue_id}@{qoff} points at {}/{}@{}",
+                        m.topic, m.queue_id, m.queue_offset
+                    ),
+                ));
+            }
+        }
+        batch.next_offset = next;
+        Ok(batch)
+    }
+
+    /// Reads records, one `pread` per run of nearby records in the same segment.
+    fn read_records(&self, chosen: &[(u64, CqEntry)]) -> Result<Vec<StoredMessage>, StoreError> {
+        const GAP: u64 = 64 << 10;
+        let clog = &self.shared.clog;
+        let mut out = Vec::with_capacity(chosen.len());
+        let mut i = 0;
+        while i < chosen.len() {
+            let first = chosen[i].1;
+            let seg = clog
+                .segment_for(first.clog_offset)
+                .ok_or(StoreError::OffsetGone(first.clog_offset))?;
+            let seg_end = clog
+                .segment_for(seg.start + clog.segment_size)
+                .map(|s| s.start)
+                .unwrap_or(u64::MAX);
+            let mut j = i + 1;
+            let mut end = first.clog_offset + first.size as u64;
+            while j < chosen.len() {
+                let e = chosen[j].1;
+                if e.clog_offset < end
+                    || e.clog_offset > end + GAP
+                    || e.clog_offset >= seg_end
+                    || e.clog_offset < seg.start
+                {
+                    break;
+                }
+                end = e.clog_offset + e.size as u64;
+                j += 1;
+            }
+            let span = clog.read_bytes(first.clog_offset, (end - first.clog_offset) as usize)?;
+            for (_, e) in &chosen[i..j] {
+                let at = (e.clog_offset - first.clog_offset) as usize;
+                let rec: Bytes = span.slice(at..at + e.size as usize);
+                out.push(
+                    record::decode(&rec, e.clog_offset)
+                        .map_err(|err| clog.corrupt(e.clog_offset, err))?,
+                );
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Reads the record at a commit-log offset.
+    pub fn read_at(&self, offset: u64) -> Result<StoredMessage, StoreError> {
+        if offset >= self.shared.written.load(Ordering::Acquire) {
+            return Err(StoreError::OffsetGone(offset));
+        }
+        self.shared.clog.read_record(offset, None)
+    }
+
+    /// Finds a message by its id (newest first if an id was reused).
+    pub fn lookup_message_id(&self, id: &str) -> Result<Option<StoredMessage>, StoreError> {
+        let cands = self
+            .shared
+            .index
+            .lookup(id_hash(id), i64::MIN, i64::MAX, 64)
+            .map_err(|e| StoreError::io("read index", &self.shared.config.data_dir, e))?;
+        for off in cands {
+            if let Ok(m) = self.read_at(off) {
+                if m.msg_id() == Some(id) {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Messages of `topic` carrying `key`, stored within `[begin_ts, end_ts]`, newest first.
+    pub fn lookup_key(
+        &self,
+        topic: &str,
+        key: &str,
+        begin_ts: i64,
+        end_ts: i64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let cands = self
+            .shared
+            .index
+            .lookup(
+                key_hash(topic, key),
+                begin_ts,
+                end_ts,
+                max.saturating_mul(2).max(16),
+            )
+            .map_err(|e| StoreError::io("read index", &self.shared.config.data_dir, e))?;
+        let mut out = Vec::new();
+        for off in cands {
+            if out.len() >= max {
+                break;
+            }
+            if let Ok(m) = self.read_at(off) {
+                if m.topic == topic
+                    && m.keys().any(|k| k == key)
+                    && m.store_ts >= begin_ts
+                    && m.store_ts <= end_ts
+                {
+                    out.push(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// First queue offset whose message was stored at or after `ts`.
+    pub fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        ts: i64,
+    ) -> Result<u64, StoreError> {
+        match self.shared.queue(topic, queue_id) {
+            None => Ok(0),
+            Some(q) => q
+                .offset_for_time(self.shared.vfs.as_ref(), ts)
+                .map_err(|e| StoreError::io("read consume queue", &self.shared.cq_root, e)),
+        }
+    }
+
+    /// Deletes segments past the retention age or beyond the disk budget, oldest first,
+    /// and moves queue minimum offsets past them. The active segment is never deleted.
+    pub fn run_retention(&self) -> Result<RetentionReport, StoreError> {
+        let s = &self.shared;
+        let now = s.clock.now_ms();
+        let mut report = RetentionReport::default();
+        loop {
+            let segs = s.clog.segments();
+            if segs.len() < 2 {
+                break;
+            }
+            let total: u64 = segs.iter().map(|x| x.file.len().unwrap_or(0)).sum();
+            let over_budget = s.config.disk_budget.is_some_and(|b| total > b);
+            let expired = match s.config.retention {
+                Some(age) => {
+                    // Every record of segment 0 is older than the first record of segment 1.
+                    let mut h = [0u8; 52];
+                    segs[1].file.read_exact_at(&mut h, 0).is_ok()
+                        && i64::from_le_bytes(h[44..52].try_into().unwrap_or([0; 8]))
+                            < now - age.as_millis() as i64
+                }
+                None => false,
+            };
+            if !(over_budget || expired) {
+                break;
+            }
+            let len = segs[0].file.len().unwrap_or(0);
+            match s
+                .clog
+                .remove_oldest()
+                .map_err(|e| StoreError::io("delete segment", &segs[0].path, e))?
+            {
+                Some(_) => {
+                    report.segments_deleted += 1;
+                    report.bytes_deleted += len;
+                }
+                None => break,
+            }
+        }
+        let min = s.clog.min_offset.load(Ordering::Acquire);
+        report.min_offset = min;
+        if report.segments_deleted > 0 {
+            let all: Vec<Arc<ConsumeQueue>> = s
+                .queues
+                .read()
+                .values()
+                .flat_map(|m| m.values().cloned())
+                .collect();
+            for q in all {
+                q.advance_min(s.vfs.as_ref(), min)
+                    .map_err(|e| StoreError::io("trim consume queue", &s.cq_root, e))?;
+            }
+            s.index
+                .drop_below(min)
+                .map_err(|e| StoreError::io("trim index", &s.config.data_dir, e))?;
+            tracing::info!(
+                segments = report.segments_deleted,
+                bytes = report.bytes_deleted,
+                min_offset = min,
+                "retention deleted segments"
+            );
+        }
+        Ok(report)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.shared;
+        StoreStats {
+            appended_messages: s.appended_messages.load(Ordering::Relaxed),
+            appended_bytes: s.appended_bytes.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            fsync_nanos: s.fsync_nanos.load(Ordering::Relaxed),
+            max_syncs_in_flight: s.max_syncs_in_flight.load(Ordering::Relaxed),
+            written_offset: s.written.load(Ordering::Acquire),
+            durable_offset: s.durable.load(Ordering::Acquire),
+            min_offset: s.clog.min_offset.load(Ordering::Acquire),
+            disk_bytes: s.clog.disk_bytes(),
+            queues: s.queues.read().values().map(|m| m.len() as u64).sum(),
+        }
+    }
+
+    /// Why the store refuses writes, if it does.
+    pub fn fenced(&self) -> Option<String> {
+        self.shared.fenced.lock().clone()
+    }
+
+    /// Stops accepting appends, completes those in flight, syncs everything and writes a
+    /// final checkpoint.
+    pub fn close(&self) {
+        self.tx.lock().take();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn index_items(
+    props: &[(String, String)],
+    topic: &str,
+    off: u64,
+    ts: i64,
+    out: &mut Vec<(u64, u64, i64)>,
+) {
+    if let Some(id) = record::property(props, PROP_MSG_ID) {
+        out.push((id_hash(id), off, ts));
+    }
+    if let Some(keys) = record::property(props, PROP_KEYS) {
+        for k in keys.split(' ').filter(|k| !k.is_empty()) {
+            out.push((key_hash(topic, k), off, ts));
+        }
+    }
+}
+
+/// Per-queue state owned by the writer thread.
+struct WriterQueue {
+    cq: Arc<ConsumeQueue>,
+    next: u64,
+    pending_first: u64,
+    pending: Vec<CqEntry>,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    flush: mpsc::Sender<FlushMsg>,
+    pos: u64,
+    last_ts: i64,
+    queues: Vec<WriterQueue>,
+    by_name: HashMap<String, HashMap<u32, usize>>,
+    buf: Vec<u8>,
+    unflushed: u64,
+    last_space_check: Option<Instant>,
+    space_error: Option<(u64, u64)>,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, flush: mpsc::Sender<FlushMsg>) -> Writer {
+        let pos = shared.written.load(Ordering::Acquire);
+        Writer {
+            shared,
+            flush,
+            pos,
+            last_ts: 0,
+            queues: Vec::new(),
+            by_name: HashMap::new(),
+            buf: Vec::with_capacity(1 << 20),
+            unflushed: 0,
+            last_space_check: None,
+            space_error: None,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let max = self.shared.config.max_batch_bytes;
+        while let Ok(first) = rx.recv() {
+            let mut bytes: usize = first.msgs.iter().map(|m| m.encoded_len()).sum();
+            let mut batch = vec![first];
+            while bytes < max {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.msgs.iter().map(|m| m.encoded_len()).sum::<usize>();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+        }
+        // Dropping `self.flush` lets the flusher finish with a final sync and checkpoint.
+    }
+
+    fn queue_slot(&mut self, topic: &str, queue_id: u32) -> Result<usize, StoreError> {
+        if let Some(&i) = self.by_name.get(topic).and_then(|m| m.get(&queue_id)) {
+            return Ok(i);
+        }
+        let (cq, _) = self.shared.get_or_create_queue(topic, queue_id)?;
+        let next = cq.written.load(Ordering::Acquire);
+        self.queues.push(WriterQueue {
+            cq,
+            next,
+            pending_first: next,
+            pending: Vec::new(),
+        });
+        let i = self.queues.len() - 1;
+        self.by_name
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(queue_id, i);
+        Ok(i)
+    }
+
+    fn check_space(&mut self) -> Option<StoreError> {
+        let threshold = self.shared.config.min_free_space;
+        if threshold == 0 && !cfg!(any(test, feature = "fault-injection")) {
+            return None;
+        }
+        let due = self
+            .last_space_check
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        if due {
+            self.last_space_check = Some(Instant::now());
+            let dir = &self.shared.config.data_dir;
+            self.space_error = match self.shared.vfs.available_space(dir) {
+                Ok(avail) if avail < threshold => Some((avail, threshold)),
+                _ => None,
+            };
+        }
+        self.space_error
+            .map(|(available, threshold)| StoreError::DiskFull {
+                available,
+                threshold,
+            })
+    }
+
+    fn process(&mut self, batch: Vec<Request>) {
+        if let Some(e) = self.shared.fenced_error() {
+            for r in batch {
+                let _ = r.reply.send(Err(StoreError::Fenced(e.to_string())));
+            }
+            return;
+        }
+        if let Some(e) = self.check_space() {
+            for r in batch {
+                let _ = r.reply.send(Err(StoreError::DiskFull {
+                    available: match e {
+                        StoreError::DiskFull { available, .. } => available,
+                        _ => 0,
+                    },
+                    threshold: self.shared.config.min_free_space,
+                }));
+            }
+            return;
+        }
+        match self.write_batch(&batch) {
+            Ok(results) => self.complete(batch, results),
+            Err(e) => {
+                self.shared.fence(e.to_string());
+                for r in batch {
+                    let _ = r.reply.send(Err(StoreError::Fenced(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Encodes and writes a batch; per request either its results or a validation error.
+    #[allow(clippy::type_complexity)]
+    fn write_batch(
+        &mut self,
+        batch: &[Request],
+    ) -> Result<(Vec<Result<Vec<AppendResult>, StoreError>>, Vec<usize>), StoreError> {
+        let cfg_seg = self.shared.config.segment_size;
+        let max_record = self.shared.config.max_record_size as usize;
+        let mut seg = self.shared.clog.last().ok_or(StoreError::Closed)?;
+        self.buf.clear();
+        let mut buf_start = self.pos;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut touched: Vec<usize> = Vec::new();
+        let mut idx_items = Vec::new();
+        for req in batch {
+            if let Err(e) = req.msgs.iter().try_for_each(|m| {
+                validate_resource_name(&m.topic)
+                    .map_err(|e| format!("topic {:?}: {e}", m.topic))?;
+                record::validate(m, max_record)
+            }) {
+                results.push(Err(StoreError::InvalidMessage(e)));
+                continue;
+            }
+            let mut res = Vec::with_capacity(req.msgs.len());
+            for m in &req.msgs {
+                let size = m.encoded_len() as u64;
+                if self.pos - seg.start + size > cfg_seg && self.pos > seg.start {
+                    seg.file
+                        .write_all_at(&self.buf, buf_start - seg.start)
+                        .map_err(|e| StoreError::io("write segment", &seg.path, e))?;
+                    self.buf.clear();
+                    seg =
+                        self.shared.clog.roll(self.pos).map_err(|e| {
+                            StoreError::io("roll segment", &self.shared.clog.dir, e)
+                        })?;
+                    buf_start = self.pos;
+                }
+                let qi = self.queue_slot(&m.topic, m.queue_id)?;
+                let wq = &mut self.queues[qi];
+                if wq.pending.is_empty() {
+                    wq.pending_first = wq.next;
+                    touched.push(qi);
+                }
+                let queue_offset = wq.next;
+                wq.next += 1;
+                let store_ts = self.shared.clock.now_ms().max(self.last_ts);
+                self.last_ts = store_ts;
+                let at = Placement {
+                    queue_offset,
+                    physical_offset: self.pos,
+                    store_ts,
+                };
+                record::encode(m, at, &mut self.buf);
+                let tag = m.property(PROP_TAGS).map(tag_hash).unwrap_or(0);
+                wq.pending.push(CqEntry {
+                    clog_offset: self.pos,
+                    size: size as u32,
+                    tag_hash: tag,
+                    store_ts,
+                });
+                index_items(&m.properties, &m.topic, self.pos, store_ts, &mut idx_items);
+                res.push(AppendResult {
+                    queue_offset,
+                    physical_offset: self.pos,
+                    store_ts,
+                    size: size as u32,
+                });
+                self.pos += size;
+            }
+            results.push(Ok(res));
+        }
+        if !self.buf.is_empty() {
+            seg.file
+                .write_all_at(&self.buf, buf_start - seg.start)
+                .map_err(|e| StoreError::io("write segment", &seg.path, e))?;
+        }
+        let vfs = self.shared.vfs.clone();
+        for &qi in &touched {
+            let wq = &mut self.queues[qi];
+            wq.cq
+                .write(vfs.as_ref(), wq.pending_first, &wq.pending)
+                .map_err(|e| StoreError::io("write consume queue", &self.shared.cq_root, e))?;
+            wq.pending.clear();
+            if !wq.cq.dirty.swap(true, Ordering::AcqRel) {
+                self.shared.dirty_queues.lock().push(wq.cq.clone());
+            }
+        }
+        self.shared
+            .index
+            .add(&idx_items, self.pos)
+            .map_err(|e| StoreError::io("write index", &self.shared.config.data_dir, e))?;
+        let before = self.shared.written.swap(self.pos, Ordering::AcqRel);
+        self.shared
+            .appended_bytes
+            .fetch_add(self.pos - before, Ordering::Relaxed);
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        Ok((results, touched))
+    }
+
+    fn complete(
+        &mut self,
+        batch: Vec<Request>,
+        (results, touched): (Vec<Result<Vec<AppendResult>, StoreError>>, Vec<usize>),
+    ) {
+        let n: usize = results
+            .iter()
+            .map(|r| r.as_ref().map(|v| v.len()).unwrap_or(0))
+            .sum();
+        self.shared
+            .appended_messages
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let visible: Vec<(Arc<ConsumeQueue>, u64)> = touched
+            .iter()
+            .map(|&qi| (self.queues[qi].cq.clone(), self.queues[qi].next))
+            .collect();
+        let replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)> =
+            batch.into_iter().map(|r| r.reply).zip(results).collect();
+        match self.shared.config.flush {
+            FlushPolicy::Async { bytes, .. } => {
+                for (q, next) in &visible {
+                    q.visible.fetch_max(*next, Ordering::AcqRel);
+                    self.shared.notify(q, *next);
+                }
+                for (reply, r) in replies {
+                    let _ = reply.send(r);
+                }
+                self.unflushed += self.buf.len() as u64;
+                if self.unflushed >= bytes {
+                    self.unflushed = 0;
+                    let _ = self.flush.send(FlushMsg::Kick);
+                }
+            }
+            FlushPolicy::Sync => {
+                let _ = self
+                    .flush
+                    .send(FlushMsg::Job(FlushJob { replies, visible }));
+            }
+        }
+    }
+}
+
+fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<FlushMsg>) {
+    let ckpt_every = shared.config.checkpoint_interval;
+    let wake_every = match shared.config.flush {
+        FlushPolicy::Sync => ckpt_every,
+        FlushPolicy::Async { interval, .. } => interval.min(ckpt_every),
+    };
+    let mut last_ckpt = Instant::now();
+    let mut jobs: Vec<FlushJob> = Vec::new();
+    let mut stop = false;
+    loop {
+        match rx.recv_timeout(wake_every) {
+            Ok(FlushMsg::Job(j)) => jobs.push(j),
+            Ok(FlushMsg::Kick) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(FlushMsg::Job(j)) => jobs.push(j),
+                Ok(FlushMsg::Kick) => {}
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        let durable = shared.durable.load(Ordering::Acquire);
+        let target = shared.written.load(Ordering::Acquire);
+        if target > durable && !shared.is_fenced.load(Ordering::Acquire) {
+            match shared.sync_clog(durable, target) {
+                Ok(()) => shared.durable.store(target, Ordering::Release),
+                // fsyncgate: after a failed fsync the page cache may have dropped the dirty
+                // pages, so a retry could "succeed" without the data. Never ack after it.
+                Err(e) => shared.fence(e.to_string()),
+            }
+        }
+        let fenced = shared.fenced_error();
+        for job in jobs.drain(..) {
+            if fenced.is_none() {
+                for (q, next) in &job.visible {
+                    q.visible.fetch_max(*next, Ordering::AcqRel);
+                    shared.notify(q, *next);
+                }
+            }
+            for (reply, r) in job.replies {
+                let r = match (&fenced, r) {
+                    (Some(e), Ok(_)) => Err(StoreError::Fenced(e.to_string())),
+                    (_, r) => r,
+                };
+                let _ = reply.send(r);
+            }
+        }
+        if (stop || last_ckpt.elapsed() >= ckpt_every) && fenced.is_none() {
+            last_ckpt = Instant::now();
+            if let Err(e) = shared.checkpoint() {
+                shared.fence(e.to_string());
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
