@@ -272,7 +272,7 @@ impl Shared {
 /// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Store {
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
+    tx: RwLock<Option<mpsc::Sender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     recovery: RecoveryReport,
     _lock: Option<std::fs::File>,
@@ -454,7 +454,7 @@ impl Store {
         );
         Ok(Store {
             shared,
-            tx: Mutex::new(Some(tx)),
+            tx: RwLock::new(Some(tx)),
             threads: Mutex::new(threads),
             recovery: report,
             _lock: Some(lock),
@@ -596,8 +596,10 @@ impl Store {
             return Err(e);
         }
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.lock().clone().ok_or(StoreError::Closed)?;
-        tx.send(Request { msgs, reply })
+        let tx = self.tx.read();
+        tx.as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Request { msgs, reply })
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
@@ -917,7 +919,7 @@ impl Store {
     /// Stops accepting appends, completes those in flight, syncs everything and writes a
     /// final checkpoint.
     pub fn close(&self) {
-        self.tx.lock().take();
+        self.tx.write().take();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();

@@ -1,0 +1,335 @@
+//! Storage-engine benchmark: append, read and recovery throughput, each reported next to
+//! the disk's own limits measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p sluice-store --example store_bench -- [--dir PATH] [--seconds N]
+//!     [--repeats N] [--recovery-mib N] [--quick]
+//! ```
+//!
+//! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
+//! the same size with one fdatasync at the end; the latency of a 4 KiB append + fdatasync.
+//! Async figures are given as a fraction of the bandwidth; Sync figures as a fraction of the
+//! group-commit bound `min(bandwidth, in_flight × record size ÷ fdatasync latency)`.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice_store::{AppendMessage, FlushPolicy, PROP_MSG_ID, Store, StoreConfig};
+
+struct Args {
+    dir: PathBuf,
+    seconds: f64,
+    repeats: usize,
+    recovery_mib: u64,
+    quick: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        dir: PathBuf::from("target/store-bench"),
+        seconds: 2.0,
+        repeats: 3,
+        recovery_mib: 1024,
+        quick: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{k} needs a value"))
+        };
+        match k.as_str() {
+            "--dir" => a.dir = PathBuf::from(v()?),
+            "--seconds" => a.seconds = v()?.parse()?,
+            "--repeats" => a.repeats = v()?.parse()?,
+            "--recovery-mib" => a.recovery_mib = v()?.parse()?,
+            "--quick" => a.quick = true,
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn fresh(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}
+
+/// Buffered sequential write of `bytes` in 1 MiB writes, one fdatasync at the end.
+fn disk_bandwidth(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
+    let path = dir.join("baseline.dat");
+    let f = std::fs::File::create(&path)?;
+    let buf = vec![0x5Au8; 1 << 20];
+    let t = Instant::now();
+    let mut off = 0;
+    while off < bytes {
+        f.write_all_at(&buf, off)?;
+        off += buf.len() as u64;
+    }
+    f.sync_data()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(bytes as f64 / secs)
+}
+
+/// Median latency of a 4 KiB append followed by fdatasync.
+fn fsync_latency(dir: &Path, n: usize) -> anyhow::Result<f64> {
+    let path = dir.join("fsync.dat");
+    let f = std::fs::File::create(&path)?;
+    let buf = vec![1u8; 4096];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        f.write_all_at(&buf, (i * 4096) as u64)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(median(lat))
+}
+
+fn message(size: usize, n: u64, body: &Bytes) -> AppendMessage {
+    AppendMessage {
+        topic: "bench".into(),
+        queue_id: (n % 8) as u32,
+        flags: 0,
+        born_ts: 0,
+        properties: vec![(PROP_MSG_ID.into(), format!("{n:016x}"))],
+        body: body.slice(..size),
+    }
+}
+
+struct Run {
+    msgs_per_s: f64,
+    bytes_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    fsyncs_per_s: f64,
+}
+
+fn append_run(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    flush: FlushPolicy,
+    size: usize,
+    appenders: usize,
+    seconds: f64,
+) -> anyhow::Result<Run> {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.flush = flush;
+    cfg.min_free_space = 0;
+    cfg.retention = None;
+    cfg.index_slots = 1 << 16;
+    cfg.index_entries = 1 << 20;
+    let store = Arc::new(Store::open(cfg)?);
+    let body = Bytes::from(vec![0xA5u8; 16 << 10]);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let t0 = Instant::now();
+    let hists = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for a in 0..appenders {
+            let store = store.clone();
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                let mut n = a as u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    store
+                        .append(vec![message(size, n, &body)])
+                        .await
+                        .expect("append");
+                    let _ = h.record(t.elapsed().as_micros() as u64);
+                    n += appenders as u64;
+                }
+                h
+            }));
+        }
+        let mut all = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        for t in tasks {
+            let _ = all.add(t.await.expect("task"));
+        }
+        all
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let st = store.stats();
+    drop(store);
+    Ok(Run {
+        msgs_per_s: st.appended_messages as f64 / secs,
+        bytes_per_s: st.appended_bytes as f64 / secs,
+        p50_us: hists.value_at_quantile(0.5),
+        p99_us: hists.value_at_quantile(0.99),
+        fsyncs_per_s: st.fsyncs as f64 / secs,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    std::fs::create_dir_all(&args.dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bw_bytes: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
+    let bw = median(
+        (0..args.repeats)
+            .map(|_| disk_bandwidth(&args.dir, bw_bytes))
+            .collect::<anyhow::Result<_>>()?,
+    );
+    let fsync = fsync_latency(&args.dir, if args.quick { 50 } else { 200 })?;
+    println!("# sluice-store benchmark");
+    println!();
+    println!(
+        "disk: buffered sequential write {:.0} MB/s ({} MiB, one fdatasync); 4 KiB append+fdatasync median {:.2} ms ({:.0}/s)",
+        bw / 1e6,
+        bw_bytes >> 20,
+        fsync * 1e3,
+        1.0 / fsync
+    );
+    println!(
+        "runs: {} s each, median of {}; 2-thread tokio runtime drives the appenders on the same 2 cores",
+        args.seconds, args.repeats
+    );
+    println!();
+    println!(
+        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let sizes: &[usize] = if args.quick {
+        &[1024]
+    } else {
+        &[128, 1024, 16384]
+    };
+    for &(flush_name, flush) in &[
+        (
+            "async",
+            FlushPolicy::Async {
+                interval: Duration::from_millis(500),
+                bytes: 256 << 20,
+            },
+        ),
+        ("sync", FlushPolicy::Sync),
+    ] {
+        let inflight: &[usize] = if flush == FlushPolicy::Sync {
+            &[1, 16, 256, 4096]
+        } else {
+            &[1, 16, 256]
+        };
+        for &size in sizes {
+            for &n in inflight {
+                let mut runs = Vec::new();
+                for r in 0..args.repeats {
+                    let dir = fresh(&args.dir, &format!("run-{flush_name}-{size}-{n}-{r}"))?;
+                    runs.push(append_run(&rt, &dir, flush, size, n, args.seconds)?);
+                    std::fs::remove_dir_all(&dir)?;
+                }
+                runs.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
+                let m = &runs[runs.len() / 2];
+                let rec = (size + 62 + 8 + 16) as f64;
+                let (bound, bound_name) = if flush == FlushPolicy::Sync {
+                    let b = (n as f64 * rec / fsync).min(bw);
+                    (b, format!("{:.1} MB/s (fsync)", b / 1e6))
+                } else {
+                    (bw, format!("{:.0} MB/s (disk)", bw / 1e6))
+                };
+                println!(
+                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} |",
+                    m.msgs_per_s,
+                    m.bytes_per_s / 1e6,
+                    100.0 * m.bytes_per_s / bound,
+                    m.p50_us,
+                    m.p99_us,
+                    m.fsyncs_per_s
+                );
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+    // Reads and recovery over one larger log.
+    let dir = fresh(&args.dir, "recovery")?;
+    let mib = if args.quick { 256 } else { args.recovery_mib };
+    let mut cfg = StoreConfig::new(&dir);
+    cfg.flush = FlushPolicy::Async {
+        interval: Duration::from_millis(500),
+        bytes: 256 << 20,
+    };
+    cfg.min_free_space = 0;
+    cfg.retention = None;
+    cfg.index_slots = 1 << 16;
+    cfg.index_entries = 1 << 20;
+    let store = Store::open(cfg.clone())?;
+    let body = Bytes::from(vec![7u8; 1024]);
+    let mut n = 0u64;
+    let mut batch = Vec::new();
+    while store.stats().written_offset < mib << 20 {
+        batch.clear();
+        for _ in 0..256 {
+            batch.push(message(1024, n, &body));
+            n += 1;
+        }
+        store.append_blocking(std::mem::take(&mut batch))?;
+    }
+    let written = store.stats().written_offset;
+    let t = Instant::now();
+    let mut read_msgs = 0u64;
+    let mut read_bytes = 0u64;
+    for q in 0..8 {
+        let mut off = 0;
+        loop {
+            let b = store.read("bench", q, off, 256, 4 << 20, |_| true)?;
+            if b.messages.is_empty() {
+                break;
+            }
+            read_msgs += b.messages.len() as u64;
+            read_bytes += b.messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
+            off = b.next_offset;
+        }
+    }
+    let rs = t.elapsed().as_secs_f64();
+    drop(store);
+    println!();
+    println!(
+        "reads (page cache, 8 queues, batches of 256): {:.0} msgs/s, {:.0} MB/s of bodies ({read_msgs} messages)",
+        read_msgs as f64 / rs,
+        read_bytes as f64 / 1e6 / rs
+    );
+    // Worst case: no checkpoint, so every record is verified by CRC and re-dispatched.
+    let mut times = Vec::new();
+    for _ in 0..args.repeats {
+        std::fs::remove_file(dir.join("checkpoint"))?;
+        let t = Instant::now();
+        let s = Store::open(cfg.clone())?;
+        let took = t.elapsed().as_secs_f64();
+        assert_eq!(s.recovery_report().valid_end, written);
+        times.push(took);
+        drop(s);
+    }
+    let full = median(times);
+    let t = Instant::now();
+    drop(Store::open(cfg)?);
+    let ckpt = t.elapsed().as_secs_f64();
+    let gib = written as f64 / (1u64 << 30) as f64;
+    println!(
+        "recovery of {:.2} GiB ({} records): full verification {:.2} s ({:.2} s per GiB); from a checkpoint {:.3} s",
+        gib,
+        n,
+        full,
+        full / gib,
+        ckpt
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
