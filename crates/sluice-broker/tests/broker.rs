@@ -327,14 +327,17 @@ async fn start_positions_and_reset() {
     );
 }
 
+type Check = fn(&BrokerError) -> bool;
+
 #[tokio::test]
+#[allow(clippy::vec_init_then_push)]
 async fn bad_input_changes_nothing() {
     let e = env();
     let b = &e.broker;
     b.create_topic("t", MessageType::Normal, 1).expect("topic");
     b.create_topic("f", MessageType::Fifo, 1).expect("topic");
     b.create_group("g", false, None, None, None).expect("group");
-    let mut cases: Vec<(Message, fn(&BrokerError) -> bool)> = Vec::new();
+    let mut cases: Vec<(Message, Check)> = Vec::new();
     cases.push((
         Message {
             body: Bytes::new(),

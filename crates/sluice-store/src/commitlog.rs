@@ -297,7 +297,17 @@ impl CommitLog {
                         .map_err(|e| StoreError::io("sync segment", &s.path, e))?;
                 }
             }
-            self.segments.write().truncate(i + keep);
+            let none_left = {
+                let mut segs = self.segments.write();
+                segs.truncate(i + keep);
+                segs.is_empty()
+            };
+            if none_left {
+                // The cut removed every segment: start a fresh one where the log now ends.
+                self.roll(at)
+                    .map_err(|e| StoreError::io("create segment", &self.dir, e))?;
+                self.min_offset.store(at, Ordering::Release);
+            }
             // Removed segment files must stay removed after a crash.
             self.vfs
                 .sync_dir(&self.dir)

@@ -20,7 +20,7 @@ fn msg(topic: &str, queue: u32, i: u64) -> AppendMessage {
             (PROP_MSG_ID.into(), format!("id-{topic}-{queue}-{i}")),
             (
                 PROP_TAGS.into(),
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     "even".into()
                 } else {
                     "odd".into()

@@ -16,7 +16,8 @@
 //! * everything a previous cycle found is still at the same place.
 //!
 //! `SLUICE_CRASH_CYCLES` sets the number of cycles (default 12), `SLUICE_CRASH_SEED` the
-//! seed of the kill delays (printed at the start).
+//! seed of the kill delays (printed at the start), `SLUICE_CRASH_DELAY_MS=lo..hi` the range
+//! of the kill delay (default `50..400`; e.g. `0..40` kills children while they recover).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -336,7 +337,15 @@ fn sigkill_crash_cycles() {
                 .unwrap_or(1);
             t ^ ((std::process::id() as u64) << 32)
         });
-    println!("crash test: {cycles} cycles, SLUICE_CRASH_SEED={seed}");
+    let (lo, hi): (u64, u64) = std::env::var("SLUICE_CRASH_DELAY_MS")
+        .ok()
+        .and_then(|r| {
+            let (a, b) = r.split_once("..")?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .filter(|(a, b)| a < b)
+        .unwrap_or((50, 400));
+    println!("crash test: {cycles} cycles, SLUICE_CRASH_SEED={seed}, delays {lo}..{hi} ms");
     let mut rng = XorShift(seed | 1);
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -367,7 +376,7 @@ fn sigkill_crash_cycles() {
             let _ = stderr.read_to_end(&mut b);
             b
         });
-        let delay = 50 + rng.next() % 351;
+        let delay = lo + rng.next() % (hi - lo + 1);
         std::thread::sleep(Duration::from_millis(delay));
         let early = child.try_wait().expect("try_wait");
         if early.is_none() {
