@@ -1,0 +1,119 @@
+//! Soft per-client state: the last settings a client sent, its telemetry stream, and the
+//! receipts of auto-renewed (PushConsumer) receives that the access point keeps invisible
+//! while the client lives. Losing this state (a restart) is harmless: renewals stop and the
+//! messages come back after their invisible time.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use sluice_proto::v2;
+use tokio::sync::mpsc;
+
+pub type TelemetrySender = mpsc::Sender<Result<v2::TelemetryCommand, tonic::Status>>;
+
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub group: String,
+    pub topic: String,
+    pub next: Instant,
+}
+
+#[derive(Default)]
+struct Client {
+    settings: Option<v2::Settings>,
+    telemetry: Option<(u64, TelemetrySender)>,
+    last_seen: Option<Instant>,
+    renewals: HashMap<String, Renewal>,
+}
+
+#[derive(Default)]
+pub struct Clients {
+    inner: Mutex<HashMap<String, Client>>,
+    stream_ids: std::sync::atomic::AtomicU64,
+}
+
+impl Clients {
+    pub fn touch(&self, id: &str) {
+        self.inner
+            .lock()
+            .entry(id.to_owned())
+            .or_default()
+            .last_seen = Some(Instant::now());
+    }
+
+    pub fn set_settings(&self, id: &str, s: v2::Settings) {
+        let mut all = self.inner.lock();
+        let c = all.entry(id.to_owned()).or_default();
+        c.settings = Some(s);
+        c.last_seen = Some(Instant::now());
+    }
+
+    /// Registers a telemetry stream; returns its id for [`Clients::drop_telemetry`].
+    pub fn set_telemetry(&self, id: &str, tx: TelemetrySender) -> u64 {
+        let sid = self
+            .stream_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut all = self.inner.lock();
+        let c = all.entry(id.to_owned()).or_default();
+        c.telemetry = Some((sid, tx));
+        c.last_seen = Some(Instant::now());
+        sid
+    }
+
+    pub fn drop_telemetry(&self, id: &str, sid: u64) {
+        if let Some(c) = self.inner.lock().get_mut(id) {
+            if c.telemetry.as_ref().is_some_and(|(s, _)| *s == sid) {
+                c.telemetry = None;
+            }
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.inner.lock().remove(id);
+    }
+
+    pub fn add_renewal(&self, id: &str, handle: String, r: Renewal) {
+        self.inner
+            .lock()
+            .entry(id.to_owned())
+            .or_default()
+            .renewals
+            .insert(handle, r);
+    }
+
+    pub fn remove_renewal(&self, id: &str, handle: &str) {
+        if let Some(c) = self.inner.lock().get_mut(id) {
+            c.renewals.remove(handle);
+        }
+    }
+
+    /// Renewals due now, for clients seen within `alive`. Clients silent for longer are
+    /// forgotten with their renewals.
+    pub fn due(&self, now: Instant, alive: Duration) -> Vec<(String, String, Renewal)> {
+        let mut all = self.inner.lock();
+        all.retain(|_, c| {
+            c.telemetry.is_some() || c.last_seen.is_some_and(|t| now.duration_since(t) < alive)
+        });
+        let mut out = Vec::new();
+        for (id, c) in all.iter() {
+            for (h, r) in &c.renewals {
+                if r.next <= now {
+                    out.push((id.clone(), h.clone(), r.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn reschedule(&self, id: &str, handle: &str, next: Instant) {
+        if let Some(r) = self
+            .inner
+            .lock()
+            .get_mut(id)
+            .and_then(|c| c.renewals.get_mut(handle))
+        {
+            r.next = next;
+        }
+    }
+}

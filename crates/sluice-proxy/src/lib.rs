@@ -1,0 +1,82 @@
+//! The gRPC access point: serves `apache.rocketmq.v2.MessagingService` so the official
+//! RocketMQ 5 clients work unchanged, translating every request into calls on the
+//! protocol-neutral [`Messaging`] interface of a broker.
+//!
+//! *Architecture invariant*: stateless apart from soft, per-connection client state
+//! (settings, auto-renewed receipts); it never touches the store.
+
+mod clients;
+pub mod codes;
+mod convert;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_broker::Messaging;
+
+/// Settings of the access point.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest message body accepted (announced to clients in the settings).
+    pub max_body_size: usize,
+    /// Longest long poll granted to a receive.
+    pub max_long_poll: Duration,
+    /// Invisible time used for auto-renewed (PushConsumer) receives.
+    pub auto_renew_invisible: Duration,
+    /// Largest gRPC message accepted.
+    pub max_decoding_message_size: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_body_size: 4 << 20,
+            max_long_poll: Duration::from_secs(20),
+            auto_renew_invisible: Duration::from_secs(60),
+            max_decoding_message_size: 8 << 20,
+        }
+    }
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` resolves, then stops accepting and
+/// finishes in-flight requests.
+pub async fn run<M: Messaging>(
+    listener: tokio::net::TcpListener,
+    messaging: Arc<M>,
+    config: ProxyConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    use sluice_proto::v2::messaging_service_server::MessagingServiceServer;
+
+    let max_msg = config.max_decoding_message_size;
+    let svc = Arc::new(service::Service {
+        m: messaging,
+        cfg: config,
+        clients: Arc::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let renew = tokio::spawn(svc.clone().renew_loop(stop_rx.clone()));
+    let mut stop_wait = stop_rx;
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let server = MessagingServiceServer::from_arc(svc)
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(64 << 20);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let r = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(1024))
+        .add_service(server)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_wait.wait_for(|s| *s).await;
+        })
+        .await;
+    renew.abort();
+    r
+}
