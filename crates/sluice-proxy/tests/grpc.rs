@@ -346,7 +346,9 @@ async fn bad_input_gets_clear_codes_and_changes_nothing() -> anyhow::Result<()> 
         (
             {
                 let mut m = message("", b"x");
-                m.system_properties.as_mut().map(|sp| sp.message_id.clear());
+                if let Some(sp) = m.system_properties.as_mut() {
+                    sp.message_id.clear();
+                }
                 m
             },
             Code::IllegalMessageId,
