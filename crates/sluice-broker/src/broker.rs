@@ -1236,27 +1236,47 @@ impl Messaging for Broker {
         }
     }
 
-    async fn ack(&self, group: &str, topic: &str, receipt_handle: &str) -> Result<(), BrokerError> {
-        let (h, k, f) = self.checked_handle(group, topic, receipt_handle)?;
-        let e = PopEvent::Acked {
-            k: k.clone(),
-            offset: h.offset,
-            nonce: h.nonce,
-        };
-        if !self.pop.lock().apply(&e) {
-            return Err(BrokerError::InvalidReceiptHandle(
-                "not in flight any more".into(),
-            ));
+    async fn ack_many(
+        &self,
+        group: &str,
+        topic: &str,
+        handles: &[String],
+    ) -> Vec<Result<(), BrokerError>> {
+        let mut results = Vec::with_capacity(handles.len());
+        let mut events = Vec::new();
+        let mut undo = Vec::new();
+        for handle in handles {
+            let r = self
+                .checked_handle(group, topic, handle)
+                .and_then(|(h, k, f)| {
+                    let e = PopEvent::Acked {
+                        k: k.clone(),
+                        offset: h.offset,
+                        nonce: h.nonce,
+                    };
+                    if !self.pop.lock().apply(&e) {
+                        return Err(BrokerError::InvalidReceiptHandle(
+                            "not in flight any more".into(),
+                        ));
+                    }
+                    events.push(e);
+                    undo.push((k, h.offset, f, results.len()));
+                    Ok(())
+                });
+            results.push(r);
         }
-        if let Err(err) = self.persist(vec![e]).await {
-            // Not durable: put it back so it is redelivered rather than silently dropped.
+        if let Err(err) = self.persist(events).await {
+            // Not durable: put them back so they are redelivered rather than dropped.
             let mut pop = self.pop.lock();
-            if let Some(q) = pop.get_mut(&k) {
-                q.inflight.entry(h.offset).or_insert(f);
+            let msg = err.to_string();
+            for (k, offset, f, i) in undo {
+                if let Some(q) = pop.get_mut(&k) {
+                    q.inflight.entry(offset).or_insert(f);
+                }
+                results[i] = Err(BrokerError::Internal(format!("ack not stored: {msg}")));
             }
-            return Err(err);
         }
-        Ok(())
+        results
     }
 
     async fn change_invisible(

@@ -91,12 +91,28 @@ pub trait Messaging: Send + Sync + 'static {
         &self,
         req: ReceiveRequest,
     ) -> impl Future<Output = Result<Vec<Delivery>, BrokerError>> + Send;
+    /// Acknowledges deliveries; one result per handle. The acks of one call share one
+    /// durable write.
+    fn ack_many(
+        &self,
+        group: &str,
+        topic: &str,
+        receipt_handles: &[String],
+    ) -> impl Future<Output = Vec<Result<(), BrokerError>>> + Send;
     fn ack(
         &self,
         group: &str,
         topic: &str,
         receipt_handle: &str,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        async move {
+            let handles = [receipt_handle.to_owned()];
+            self.ack_many(group, topic, &handles)
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(BrokerError::Internal("no ack result".into())))
+        }
+    }
     /// Changes when an in-flight message becomes visible again; returns the handle to use
     /// from now on.
     fn change_invisible(

@@ -66,9 +66,10 @@ pub async fn run<M: Messaging>(
     let server = MessagingServiceServer::from_arc(svc)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(64 << 20);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Our own listener: Nagle must be switched off per accepted stream, or small responses
+    // wait for the peer's delayed ACK (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let r = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))

@@ -560,19 +560,24 @@ impl<M: Messaging> MessagingService for Service<M> {
         let id = require_client!(c, v2::AckMessageResponse::default());
         let r = req.into_inner();
         let (group, topic) = (name(&r.group), name(&r.topic));
-        let mut entries = Vec::with_capacity(r.entries.len());
-        for e in r.entries {
-            self.clients.remove_renewal(&id, &e.receipt_handle);
-            let st = match self.m.ack(&group, &topic, &e.receipt_handle).await {
-                Ok(()) => ok(),
-                Err(err) => error_status(c.dialect, &err),
-            };
-            entries.push(v2::AckMessageResultEntry {
+        let handles: Vec<String> = r.entries.iter().map(|e| e.receipt_handle.clone()).collect();
+        for h in &handles {
+            self.clients.remove_renewal(&id, h);
+        }
+        let results = self.m.ack_many(&group, &topic, &handles).await;
+        let entries: Vec<v2::AckMessageResultEntry> = r
+            .entries
+            .into_iter()
+            .zip(results)
+            .map(|(e, res)| v2::AckMessageResultEntry {
                 message_id: e.message_id,
                 receipt_handle: e.receipt_handle,
-                status: Some(st),
-            });
-        }
+                status: Some(match res {
+                    Ok(()) => ok(),
+                    Err(err) => error_status(c.dialect, &err),
+                }),
+            })
+            .collect();
         let statuses: Vec<v2::Status> = entries.iter().filter_map(|e| e.status.clone()).collect();
         let st = if statuses.is_empty() {
             status(c.dialect, Code::BadRequest, "no entries")

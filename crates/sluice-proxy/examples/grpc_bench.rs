@@ -1,0 +1,372 @@
+//! gRPC send/receive load generator, with the store's own append rate for the same
+//! messages measured in the same run as the baseline.
+//!
+//! ```text
+//! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
+//! ```
+//!
+//! For each flush policy it opens a fresh store, measures raw `Store::append` throughput
+//! for 1 KiB messages with 64 appends in flight, then starts broker + gRPC server on
+//! 127.0.0.1 in the same process and drives it with generated tonic clients: unbatched
+//! sends with 1 and 64 in flight, batched sends (100 × 1 KiB per request), a rate-limited
+//! run at half the unbatched maximum (latency measured from the intended send time), and
+//! receive + ack throughput.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use sluice_broker::{Broker, BrokerConfig, MessageType};
+use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
+use sluice_proto::v2::{self, receive_message_response::Content};
+use sluice_store::{AppendMessage, FlushPolicy, Store, StoreConfig};
+use tonic::transport::Channel;
+
+struct Args {
+    seconds: f64,
+    dir: std::path::PathBuf,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        seconds: 5.0,
+        dir: "target/grpc-bench".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{k} needs a value"))?;
+        match k.as_str() {
+            "--seconds" => a.seconds = v.parse()?,
+            "--dir" => a.dir = v.into(),
+            _ => anyhow::bail!("unknown argument {k}"),
+        }
+    }
+    Ok(a)
+}
+
+fn res(name: &str) -> Option<v2::Resource> {
+    Some(v2::Resource {
+        resource_namespace: String::new(),
+        name: name.into(),
+    })
+}
+
+fn req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("x-mq-client-id", "bench@1@1".parse().expect("header"));
+    r
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn message(body: &Bytes) -> v2::Message {
+    let id = SEQ.fetch_add(1, Ordering::Relaxed);
+    v2::Message {
+        topic: res("bench"),
+        user_properties: Default::default(),
+        system_properties: Some(v2::SystemProperties {
+            message_id: format!("B{id:020}"),
+            message_type: v2::MessageType::Normal as i32,
+            queue_id: (id % 8) as i32,
+            ..Default::default()
+        }),
+        body: body.to_vec(),
+    }
+}
+
+struct Result_ {
+    msgs_per_s: f64,
+    hist: Histogram<u64>,
+}
+
+/// Sends for `secs` with `inflight` concurrent requests of `batch` messages each. With
+/// `rate` set, requests start at fixed intervals and latency counts from the intended
+/// start (no coordinated omission).
+async fn send_load(
+    clients: &[MessagingServiceClient<Channel>],
+    secs: f64,
+    inflight: usize,
+    batch: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Result_> {
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let sent = Arc::new(AtomicU64::new(0));
+    let next_slot = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let mut c = clients[w % clients.len()].clone();
+        let body = body.clone();
+        let sent = sent.clone();
+        let next_slot = next_slot.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            loop {
+                let intended = match rate {
+                    Some(r) => {
+                        let slot = next_slot.fetch_add(1, Ordering::Relaxed);
+                        let at = start + Duration::from_secs_f64(slot as f64 / r);
+                        if at >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => {
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        now
+                    }
+                };
+                let msgs = (0..batch).map(|_| message(&body)).collect();
+                let r = c
+                    .send_message(req(v2::SendMessageRequest { messages: msgs }))
+                    .await;
+                match r {
+                    Ok(r)
+                        if r.get_ref()
+                            .status
+                            .as_ref()
+                            .is_some_and(|s| s.code() == v2::Code::Ok) =>
+                    {
+                        sent.fetch_add(batch as u64, Ordering::Relaxed);
+                        let _ = h.record(intended.elapsed().as_micros() as u64);
+                    }
+                    Ok(r) => eprintln!("send failed: {:?}", r.get_ref().status),
+                    Err(e) => eprintln!("send error: {e}"),
+                }
+            }
+            h
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await?)?;
+    }
+    Ok(Result_ {
+        msgs_per_s: sent.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        hist,
+    })
+}
+
+async fn receive_all(c: &mut MessagingServiceClient<Channel>, total: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut got = 0u64;
+    while got < total && start.elapsed() < Duration::from_secs(120) {
+        let r = v2::ReceiveMessageRequest {
+            group: res("bench-group"),
+            message_queue: Some(v2::MessageQueue {
+                topic: res("bench"),
+                id: -1,
+                ..Default::default()
+            }),
+            filter_expression: None,
+            batch_size: 64,
+            invisible_duration: Some(sluice_proto::prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            auto_renew: false,
+            long_polling_timeout: Some(sluice_proto::prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            attempt_id: None,
+        };
+        let mut stream = c.receive_message(req(r)).await?.into_inner();
+        let mut entries = Vec::new();
+        while let Some(f) = stream.message().await? {
+            if let Some(Content::Message(m)) = f.content {
+                let sp = m.system_properties.unwrap_or_default();
+                entries.push(v2::AckMessageEntry {
+                    message_id: sp.message_id,
+                    receipt_handle: sp.receipt_handle.unwrap_or_default(),
+                    lite_topic: None,
+                });
+            }
+        }
+        if entries.is_empty() {
+            break;
+        }
+        got += entries.len() as u64;
+        c.ack_message(req(v2::AckMessageRequest {
+            group: res("bench-group"),
+            topic: res("bench"),
+            entries,
+        }))
+        .await?;
+    }
+    Ok(got as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn store_baseline(
+    dir: &std::path::Path,
+    flush: FlushPolicy,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.flush = flush;
+    cfg.min_free_space = 0;
+    cfg.index_slots = 1 << 16;
+    cfg.index_entries = 1 << 20;
+    let store = Arc::new(Store::open(cfg)?);
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..64u64 {
+        let store = store.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let m = AppendMessage {
+                    topic: "bench".into(),
+                    queue_id: (w % 8) as u32,
+                    flags: 0,
+                    born_ts: 0,
+                    properties: vec![("UNIQ_KEY".into(), format!("S{w:04}{n:016}"))],
+                    body: body.clone(),
+                };
+                store.append(vec![m]).await.expect("append");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+fn lat(h: &Histogram<u64>) -> String {
+    format!(
+        "{:.2} / {:.2} / {:.2} ms",
+        h.value_at_quantile(0.5) as f64 / 1e3,
+        h.value_at_quantile(0.99) as f64 / 1e3,
+        h.value_at_quantile(0.999) as f64 / 1e3
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    println!(
+        "# gRPC benchmark (1 KiB messages, server and load generator in one process on 127.0.0.1, {} s per run)\n",
+        a.seconds
+    );
+    println!("| flush | run | msgs/s | of store rate | latency p50 / p99 / p99.9 |");
+    println!("|---|---|---|---|---|");
+    for (fname, flush) in [
+        (
+            "async",
+            FlushPolicy::Async {
+                interval: Duration::from_millis(500),
+                bytes: 256 << 20,
+            },
+        ),
+        ("sync", FlushPolicy::Sync),
+    ] {
+        let base_dir = a.dir.join(format!("{fname}-store"));
+        let _ = std::fs::remove_dir_all(&base_dir);
+        std::fs::create_dir_all(&base_dir)?;
+        let base = store_baseline(&base_dir, flush, a.seconds).await?;
+        std::fs::remove_dir_all(&base_dir)?;
+        println!("| {fname} | store append, 64 in flight | {base:.0} | 100% | |");
+
+        let dir = a.dir.join(format!("{fname}-server"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut cfg = StoreConfig::new(&dir);
+        cfg.flush = flush;
+        cfg.min_free_space = 0;
+        cfg.index_slots = 1 << 16;
+        cfg.index_entries = 1 << 20;
+        let store = Arc::new(Store::open(cfg)?);
+        let broker = Broker::open(
+            BrokerConfig::new(&dir),
+            store.clone(),
+            Arc::new(sluice_common::SystemClock),
+        )?;
+        broker.create_topic("bench", MessageType::Normal, 8)?;
+        broker.create_group(
+            "bench-group",
+            false,
+            None,
+            None,
+            Some(sluice_broker::StartPosition::Earliest),
+        )?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(sluice_proxy::run(
+            listener,
+            broker.clone(),
+            sluice_proxy::ProxyConfig::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            clients.push(MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20));
+        }
+        let one = send_load(&clients, a.seconds, 1, 1, None).await?;
+        println!(
+            "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} |",
+            one.msgs_per_s,
+            100.0 * one.msgs_per_s / base,
+            lat(&one.hist)
+        );
+        let many = send_load(&clients, a.seconds, 64, 1, None).await?;
+        println!(
+            "| {fname} | send, 64 in flight | {:.0} | {:.0}% | {} |",
+            many.msgs_per_s,
+            100.0 * many.msgs_per_s / base,
+            lat(&many.hist)
+        );
+        let batched = send_load(&clients, a.seconds, 4, 100, None).await?;
+        println!(
+            "| {fname} | send, batches of 100, 4 in flight | {:.0} | {:.0}% | {} per batch |",
+            batched.msgs_per_s,
+            100.0 * batched.msgs_per_s / base,
+            lat(&batched.hist)
+        );
+        let half = many.msgs_per_s / 2.0;
+        let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
+        println!(
+            "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time |",
+            half,
+            paced.msgs_per_s,
+            100.0 * paced.msgs_per_s / base,
+            lat(&paced.hist)
+        );
+        let backlog = store.stats().appended_messages;
+        let mut c = clients[0].clone();
+        let rx = receive_all(&mut c, backlog).await?;
+        println!(
+            "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | |",
+            100.0 * rx / base
+        );
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        drop(broker);
+        drop(store);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
