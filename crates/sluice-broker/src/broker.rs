@@ -910,6 +910,7 @@ impl Broker {
                     attempt: f.attempt + 1,
                     nonce: self.nonce(),
                     visible_at,
+                    group: f.group,
                 };
                 out.push(self.delivery(&m, q, off, inf));
                 entries.push((off, inf));
@@ -917,48 +918,62 @@ impl Broker {
             // 2. New messages from the cursor. The scan per call is bounded so that a long run
             // of filtered-out messages cannot hold the lock for long.
             let mut cursor = state.cursor;
-            for _ in 0..64 {
-                if out.len() as u32 >= req.max_messages {
-                    break;
-                }
-                let want = req.max_messages - out.len() as u32;
-                let b = self
-                    .store
-                    .read(&topic.name, q, cursor, want, 16 << 20, |e| {
-                        tag_hashes.as_ref().is_none_or(|h| h.contains(&e.tag_hash))
-                    })?;
-                match b.status {
-                    ReadStatus::Found => {}
-                    ReadStatus::OffsetTooSmall => {
-                        cursor = b.next_offset;
-                        continue;
-                    }
-                    _ => break,
-                }
-                let mut stopped_at = None;
-                for m in &b.messages {
-                    // After an offset reset the cursor can be behind in-flight messages.
-                    if state.inflight.contains_key(&m.queue_offset) || !req.filter.matches(&View(m))
-                    {
-                        continue;
-                    }
-                    let inf = InFlight {
-                        attempt: 1,
-                        nonce: self.nonce(),
-                        visible_at,
-                    };
-                    out.push(self.delivery(m, q, m.queue_offset, inf));
-                    entries.push((m.queue_offset, inf));
+            if group.fifo {
+                cursor = self.scan_fifo(
+                    req,
+                    &topic.name,
+                    q,
+                    state,
+                    visible_at,
+                    &mut out,
+                    &mut entries,
+                )?;
+            } else {
+                for _ in 0..64 {
                     if out.len() as u32 >= req.max_messages {
-                        // Messages after this one stay for the next receive.
-                        stopped_at = Some(m.queue_offset + 1);
                         break;
                     }
-                }
-                let before = cursor;
-                cursor = stopped_at.unwrap_or(b.next_offset);
-                if cursor <= before {
-                    break;
+                    let want = req.max_messages - out.len() as u32;
+                    let b = self
+                        .store
+                        .read(&topic.name, q, cursor, want, 16 << 20, |e| {
+                            tag_hashes.as_ref().is_none_or(|h| h.contains(&e.tag_hash))
+                        })?;
+                    match b.status {
+                        ReadStatus::Found => {}
+                        ReadStatus::OffsetTooSmall => {
+                            cursor = b.next_offset;
+                            continue;
+                        }
+                        _ => break,
+                    }
+                    let mut stopped_at = None;
+                    for m in &b.messages {
+                        // After an offset reset the cursor can be behind in-flight messages.
+                        if state.inflight.contains_key(&m.queue_offset)
+                            || !req.filter.matches(&View(m))
+                        {
+                            continue;
+                        }
+                        let inf = InFlight {
+                            attempt: 1,
+                            nonce: self.nonce(),
+                            visible_at,
+                            group: 0,
+                        };
+                        out.push(self.delivery(m, q, m.queue_offset, inf));
+                        entries.push((m.queue_offset, inf));
+                        if out.len() as u32 >= req.max_messages {
+                            // Messages after this one stay for the next receive.
+                            stopped_at = Some(m.queue_offset + 1);
+                            break;
+                        }
+                    }
+                    let before = cursor;
+                    cursor = stopped_at.unwrap_or(b.next_offset);
+                    if cursor <= before {
+                        break;
+                    }
                 }
             }
             if !entries.is_empty() || cursor != state.cursor {
@@ -980,6 +995,83 @@ impl Broker {
             }
         }
         Ok((out, events, dead, next_wake))
+    }
+
+    /// FIFO scan of one queue: hands out the oldest message of every message group that has
+    /// nothing in flight, in offset order, and returns the new cursor (which only passes
+    /// finished messages, never one that is still waiting behind its group).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_fifo(
+        &self,
+        req: &ReceiveRequest,
+        topic: &str,
+        q: u32,
+        state: &crate::pop::QueuePop,
+        visible_at: i64,
+        out: &mut Vec<Delivery>,
+        entries: &mut Vec<(u64, InFlight)>,
+    ) -> Result<u64, BrokerError> {
+        let mut blocked: std::collections::HashSet<u64> = state
+            .inflight
+            .values()
+            .map(|f| f.group)
+            .filter(|g| *g != 0)
+            .collect();
+        let mut cursor = state.cursor;
+        let mut scan = cursor;
+        let mut prefix = true;
+        for _ in 0..16 {
+            if out.len() as u32 >= req.max_messages {
+                break;
+            }
+            let b = self.store.read(topic, q, scan, 256, 16 << 20, |_| true)?;
+            match b.status {
+                ReadStatus::Found => {}
+                ReadStatus::OffsetTooSmall => {
+                    cursor = cursor.max(b.next_offset);
+                    scan = b.next_offset;
+                    continue;
+                }
+                _ => break,
+            }
+            for m in &b.messages {
+                let off = m.queue_offset;
+                let finished = state.inflight.contains_key(&off) || state.done.contains(&off);
+                if finished || !req.filter.matches(&View(m)) {
+                    if prefix {
+                        cursor = off + 1;
+                    }
+                    continue;
+                }
+                let g = m.property(keys::MESSAGE_GROUP).map(tag_hash).unwrap_or(0);
+                if g != 0 && blocked.contains(&g) {
+                    prefix = false;
+                    continue;
+                }
+                let inf = InFlight {
+                    attempt: 1,
+                    nonce: self.nonce(),
+                    visible_at,
+                    group: g,
+                };
+                out.push(self.delivery(m, q, off, inf));
+                entries.push((off, inf));
+                if g != 0 {
+                    blocked.insert(g);
+                }
+                if prefix {
+                    cursor = off + 1;
+                }
+                if out.len() as u32 >= req.max_messages {
+                    return Ok(cursor);
+                }
+            }
+            if b.next_offset <= scan {
+                break;
+            }
+            scan = b.next_offset;
+        }
+        Ok(cursor)
     }
 
     fn delivery(&self, m: &StoredMessage, q: u32, off: u64, inf: InFlight) -> Delivery {

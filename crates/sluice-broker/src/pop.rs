@@ -13,7 +13,7 @@
 //! loaded from the last snapshot and the log after it is replayed through the same
 //! [`PopTable::apply`]. Replay is idempotent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,12 +25,21 @@ pub struct InFlight {
     pub attempt: u32,
     pub nonce: u64,
     pub visible_at: i64,
+    /// Hash of the FIFO message group (0 = none); a group with a message in flight is
+    /// blocked for FIFO consumer groups.
+    #[serde(default)]
+    pub group: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueuePop {
     pub cursor: u64,
     pub inflight: BTreeMap<u64, InFlight>,
+    /// Offsets at or above the cursor that are finished (acked or dead-lettered). Only
+    /// FIFO consumption hands out messages above the cursor (when an earlier message of
+    /// another message group is blocked), so only it fills this set.
+    #[serde(default)]
+    pub done: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +111,7 @@ impl PopTable {
             PopEvent::Popped { k, cursor, entries } => {
                 let q = self.queues.entry(k.clone()).or_default();
                 q.cursor = q.cursor.max(*cursor);
+                q.done = q.done.split_off(&q.cursor);
                 for (off, f) in entries {
                     q.inflight.insert(*off, *f);
                 }
@@ -110,6 +120,9 @@ impl PopTable {
             PopEvent::Acked { k, offset, nonce } => match self.queues.get_mut(k) {
                 Some(q) if q.inflight.get(offset).is_some_and(|f| f.nonce == *nonce) => {
                     q.inflight.remove(offset);
+                    if *offset >= q.cursor {
+                        q.done.insert(*offset);
+                    }
                     true
                 }
                 _ => false,
@@ -140,6 +153,7 @@ impl PopTable {
                 let q = self.queues.entry(k.clone()).or_default();
                 q.cursor = *cursor;
                 q.inflight = q.inflight.split_off(cursor);
+                q.done.clear();
                 true
             }
         }
@@ -195,7 +209,7 @@ mod tests {
                         let entries: Vec<(u64, InFlight)> = (start..start + n as u64).map(|off| {
                             nonce += 1;
                             model.insert((q, off), nonce);
-                            (off, InFlight { attempt: 1, nonce, visible_at: 10 })
+                            (off, InFlight { attempt: 1, nonce, visible_at: 10, group: 0 })
                         }).collect();
                         cursors[q as usize] += n as u64;
                         PopEvent::Popped { k: k(q), cursor: cursors[q as usize], entries }

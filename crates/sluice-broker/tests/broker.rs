@@ -494,3 +494,102 @@ async fn two_consumers_share_the_queue_without_overlap() {
     ids.dedup();
     assert_eq!(ids.len(), 30);
 }
+
+fn fifo_msg(i: u32, group: &str) -> Message {
+    Message {
+        message_group: Some(group.into()),
+        message_type: Some(MessageType::Fifo),
+        queue_id: Some(0),
+        ..msg("f", i, "a")
+    }
+}
+
+#[tokio::test]
+async fn fifo_one_in_flight_per_message_group_and_retries_block_the_group() {
+    let e = env();
+    let b = &e.broker;
+    b.create_topic("f", MessageType::Fifo, 2).expect("topic");
+    b.create_group("fg", true, Some(5), None, None)
+        .expect("group");
+    // Two message groups interleaved in one queue, a third in another queue.
+    let mut msgs = Vec::new();
+    for i in 0..5 {
+        msgs.push(fifo_msg(i, "A"));
+        msgs.push(fifo_msg(100 + i, "B"));
+    }
+    for i in 0..3 {
+        msgs.push(Message {
+            queue_id: Some(1),
+            ..fifo_msg(200 + i, "C")
+        });
+    }
+    send_all(b, msgs).await;
+    let ids = |ds: &[Delivery]| {
+        let mut v: Vec<String> = ds.iter().map(|d| d.message.message_id.clone()).collect();
+        v.sort();
+        v
+    };
+    // Only the head of each message group is handed out, to any number of consumers.
+    let first = b.receive(req("fg", "f", 32)).await.expect("receive");
+    assert_eq!(ids(&first), vec!["ID0000", "ID0100", "ID0200"]);
+    assert!(
+        b.receive(req("fg", "f", 32))
+            .await
+            .expect("receive")
+            .is_empty()
+    );
+    // Ack A's head; nack B's head (retry keeps the group blocked behind it).
+    let a0 = first
+        .iter()
+        .find(|d| d.message.message_id == "ID0000")
+        .expect("a0");
+    let b0 = first
+        .iter()
+        .find(|d| d.message.message_id == "ID0100")
+        .expect("b0");
+    b.ack("fg", "f", &a0.receipt_handle).await.expect("ack");
+    b.change_invisible("fg", "f", &b0.receipt_handle, Duration::ZERO)
+        .await
+        .expect("nack");
+    let second = b.receive(req("fg", "f", 32)).await.expect("receive");
+    assert_eq!(ids(&second), vec!["ID0001", "ID0100"]);
+    let b0again = second
+        .iter()
+        .find(|d| d.message.message_id == "ID0100")
+        .expect("retry");
+    assert_eq!(b0again.delivery_attempt, 2);
+    // Drain everything in order per group, acking as we go.
+    let mut pending: Vec<Delivery> = second.clone();
+    pending.extend(
+        first
+            .into_iter()
+            .filter(|d| d.message.message_id == "ID0200"),
+    );
+    let mut order: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    order.entry("A".into()).or_default().push(0);
+    for _ in 0..20 {
+        for d in pending.drain(..) {
+            b.ack("fg", "f", &d.receipt_handle).await.expect("ack");
+            let g = d.message.message_group.clone().expect("group");
+            let n: u32 = d.message.user_properties["n"].parse().expect("n");
+            order.entry(g).or_default().push(n);
+        }
+        pending = b.receive(req("fg", "f", 32)).await.expect("receive");
+        if pending.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(order["A"], vec![0, 1, 2, 3, 4]);
+    assert_eq!(order["B"], vec![100, 101, 102, 103, 104]);
+    assert_eq!(order["C"], vec![200, 201, 202]);
+    // The state survives a restart: nothing redelivered after everything was acked.
+    let e = reopen(e);
+    e.clock.advance(3_600_000);
+    assert!(
+        e.broker
+            .receive(req("fg", "f", 32))
+            .await
+            .expect("receive")
+            .is_empty()
+    );
+}
