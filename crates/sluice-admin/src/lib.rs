@@ -1,0 +1,125 @@
+//! The Sluice admin HTTP API: topics, consumer groups, offsets, dead letters, message
+//! look-up, broker status and health probes, as JSON over HTTP/1.1.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | 200 `ok` while the process runs |
+//! | `GET /readyz` | 200 `ready` while the broker serves; 503 when shutting down or fenced |
+//! | `GET /api/v1/broker` | version, uptime, flush policy, data dir, disk usage |
+//! | `GET, POST /api/v1/topics` | list, create (201) |
+//! | `GET, PUT, DELETE /api/v1/topics/{name}` | describe with per-queue offsets, update, delete (204) |
+//! | `GET /api/v1/topics/{name}/messages` | `?key=K[&begin_ms&end_ms]` or `?queue=Q[&offset=O]`, plus `max`, `preview_bytes` |
+//! | `GET, POST /api/v1/groups` | list, create (201) |
+//! | `GET, PUT, DELETE /api/v1/groups/{name}` | describe with lag and in-flight per queue, update, delete (204) |
+//! | `POST /api/v1/groups/{name}/reset-offset` | `{"topic", "timestamp_ms"}` |
+//! | `POST /api/v1/groups/{name}/dead-letters/resend` | `{"max"?}` |
+//! | `GET /api/v1/messages/{id}` | one message by id |
+//!
+//! Errors are `{"error": {"code": "TOPIC_NOT_FOUND", "message": "..."}}` with a 4xx status
+//! for anything the caller can fix (see [`ApiError`]). Request bodies must be JSON with
+//! `Content-Type: application/json`, at most 1 MiB, and may not carry unknown fields.
+//!
+//! *Architecture invariant*: talks to the broker's admin methods only; it never opens store
+//! files. The wire types live in [`api`] so the CLI parses exactly what the server writes.
+
+pub mod api;
+mod error;
+mod handlers;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use sluice_broker::Broker;
+
+pub use error::ApiError;
+
+/// What the status endpoint reports about the running process.
+#[derive(Debug, Clone)]
+pub struct BrokerInfo {
+    pub version: String,
+    pub started_at: SystemTime,
+    /// `sync` or `async`.
+    pub flush_policy: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    broker: Arc<Broker>,
+    info: Arc<BrokerInfo>,
+    /// False once shutdown began, so `/readyz` takes the broker out of rotation.
+    serving: Arc<AtomicBool>,
+}
+
+/// The admin API as a router, for tests and for embedding.
+pub fn router(broker: Arc<Broker>, info: BrokerInfo) -> Router {
+    build(AppState {
+        broker,
+        info: Arc::new(info),
+        serving: Arc::new(AtomicBool::new(true)),
+    })
+}
+
+fn build(state: AppState) -> Router {
+    use handlers as h;
+    Router::new()
+        .route("/healthz", get(h::healthz))
+        .route("/readyz", get(h::readyz))
+        .route("/api/v1/broker", get(h::broker_status))
+        .route("/api/v1/topics", get(h::list_topics).post(h::create_topic))
+        .route(
+            "/api/v1/topics/{name}",
+            get(h::describe_topic)
+                .put(h::update_topic)
+                .delete(h::delete_topic),
+        )
+        .route("/api/v1/topics/{name}/messages", get(h::topic_messages))
+        .route("/api/v1/groups", get(h::list_groups).post(h::create_group))
+        .route(
+            "/api/v1/groups/{name}",
+            get(h::describe_group)
+                .put(h::update_group)
+                .delete(h::delete_group),
+        )
+        .route("/api/v1/groups/{name}/reset-offset", post(h::reset_offset))
+        .route(
+            "/api/v1/groups/{name}/dead-letters/resend",
+            post(h::resend_dead_letters),
+        )
+        .route("/api/v1/messages/{id}", get(h::message_by_id))
+        .fallback(h::route_not_found)
+        .method_not_allowed_fallback(h::method_not_allowed)
+        .layer(DefaultBodyLimit::max(api::MAX_REQUEST_BODY))
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves, then stops accepting,
+/// reports not-ready, and finishes the requests in flight.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    broker: Arc<Broker>,
+    info: BrokerInfo,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let serving = Arc::new(AtomicBool::new(true));
+    let app = build(AppState {
+        broker,
+        info: Arc::new(info),
+        serving: serving.clone(),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            serving.store(false, Ordering::Release);
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! `sluice server`: opens the store and the broker, serves the gRPC and admin endpoints,
+//! and shuts down cleanly on SIGTERM or SIGINT.
+//!
+//! Shutdown order matters: first both servers stop accepting and finish the requests in
+//! flight (so no request changes state after the snapshot), then the maintenance task takes
+//! its final POP snapshot, then the store flushes and writes its last checkpoint.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow};
+use sluice_broker::Broker;
+use sluice_common::SystemClock;
+use sluice_store::{RecoveryReport, Store};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resolves once `rx` turns true (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn log_recovery(r: &RecoveryReport) {
+    tracing::info!(
+        replayed_from = r.replayed_from,
+        records_replayed = r.records_replayed,
+        valid_end = r.valid_end,
+        dropped_bytes = r.dropped_bytes,
+        full_rebuild = r.full_rebuild,
+        took_ms = r.duration.as_millis() as u64,
+        "store recovery report"
+    );
+    if let Some((file, offset, reason)) = &r.truncated_at {
+        tracing::warn!(%file, offset, %reason, "recovery cut off a torn or invalid tail");
+    }
+}
+
+/// Runs the server until a signal arrives. Errors if start-up fails or a server stops on
+/// its own.
+pub async fn serve(mut cfg: Config) -> Result<()> {
+    let started_at = SystemTime::now();
+    // Installed first, so a signal during start-up is not fatal but stops us once started.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+
+    // Absolute, so logs and the status endpoint say where the data really is.
+    if let Ok(abs) = std::path::absolute(&cfg.server.data_dir) {
+        cfg.server.data_dir = abs;
+    }
+    let data_dir = cfg.server.data_dir.clone();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %data_dir.display(),
+        flush = cfg.store.flush.as_str(),
+        "starting sluice"
+    );
+
+    let store_cfg = cfg.store_config();
+    let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
+        .await
+        .context("store start-up task failed")?
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    log_recovery(store.recovery_report());
+    let store = Arc::new(store);
+
+    let broker_cfg = cfg.broker_config();
+    let s = store.clone();
+    let broker =
+        tokio::task::spawn_blocking(move || Broker::open(broker_cfg, s, Arc::new(SystemClock)))
+            .await
+            .context("broker start-up task failed")?
+            .context("opening the broker")?;
+
+    let grpc = TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("binding the gRPC endpoint to {}", cfg.server.listen))?;
+    let admin = TcpListener::bind(cfg.server.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin API to {}", cfg.server.admin_listen))?;
+    let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
+    let admin_addr = admin.local_addr().context("admin listener address")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (maint_tx, maint_rx) = watch::channel(false);
+    let mut servers: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+    let proxy = sluice_proxy::run(
+        grpc,
+        broker.clone(),
+        cfg.proxy_config(),
+        stopped(stop_rx.clone()),
+    );
+    servers.spawn(async move { ("gRPC endpoint", proxy.await.map_err(anyhow::Error::from)) });
+    let info = sluice_admin::BrokerInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at,
+        flush_policy: cfg.store.flush.as_str().to_owned(),
+        data_dir: cfg.server.data_dir.clone(),
+    };
+    let admin_srv = sluice_admin::run(admin, broker.clone(), info, stopped(stop_rx));
+    servers.spawn(async move { ("admin API", admin_srv.await.map_err(anyhow::Error::from)) });
+    let maintenance = tokio::spawn(broker.clone().run_maintenance(maint_rx));
+
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ready");
+
+    let mut failure = None;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT received; shutting down"),
+        Some(done) = servers.join_next() => {
+            let what = match done {
+                Ok((name, Ok(()))) => anyhow!("the {name} stopped unexpectedly"),
+                Ok((name, Err(e))) => e.context(format!("the {name} failed")),
+                Err(e) => anyhow!("a server task failed: {e}"),
+            };
+            tracing::error!(error = format!("{what:#}"), "shutting down");
+            failure = Some(what);
+        }
+    }
+
+    // Stop accepting; let in-flight requests finish, within bounds.
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(done) = servers.join_next().await {
+            match done {
+                Ok((name, Ok(()))) => tracing::info!("{name} stopped"),
+                Ok((name, Err(e))) => {
+                    tracing::warn!(error = format!("{e:#}"), "{name} failed while stopping")
+                }
+                Err(e) => tracing::warn!(error = %e, "server task failed while stopping"),
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout_s = DRAIN_TIMEOUT.as_secs(),
+            "requests still in flight after the drain timeout; cancelling them"
+        );
+        servers.abort_all();
+    }
+
+    // The maintenance task takes the final POP snapshot when it stops.
+    let _ = maint_tx.send(true);
+    let snapshotted = matches!(
+        tokio::time::timeout(DRAIN_TIMEOUT, maintenance).await,
+        Ok(Ok(()))
+    );
+    if !snapshotted {
+        tracing::warn!("maintenance did not stop cleanly; taking the POP snapshot directly");
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.snapshot_pop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "POP snapshot failed"),
+            Err(e) => tracing::error!(error = %e, "POP snapshot task failed"),
+        }
+    }
+    drop(broker);
+
+    // Flush everything and write the final checkpoint.
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .context("closing the store")?;
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
