@@ -515,6 +515,11 @@ impl Config {
         vars.sort();
         for (name, value) in vars {
             let Some((_, section, key)) = known.iter().find(|(n, _, _)| *n == name) else {
+                // Only names shaped like a nested setting are checked strictly; other
+                // SLUICE_* variables belong to scripts and tools (SLUICE_BIN, …).
+                if !name.contains("__") {
+                    continue;
+                }
                 errors.push(format!(
                     "environment: unknown variable {name} (settings are SLUICE_<KEY> for [server] \
                      keys and SLUICE_<SECTION>__<KEY> for the others, e.g. SLUICE_STORE__FLUSH)"
@@ -843,7 +848,8 @@ mod tests {
              bogus = 1\n[broker]\nmax_properties = -3\npop_snapshot_interval = 30\n",
             &[
                 ("SLUICE_PROXY__MAX_LONG_POLL", "soon"),
-                ("SLUICE_NOPE", "1"),
+                ("SLUICE_STORE__NOPE", "1"),
+                ("SLUICE_BIN", "ignored"),
             ],
         ));
         for needle in [
@@ -856,7 +862,7 @@ mod tests {
             "[broker] pop_snapshot_interval",
             "SLUICE_PROXY__MAX_LONG_POLL",
             "\"soon\" is not a duration",
-            "SLUICE_NOPE",
+            "SLUICE_STORE__NOPE",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),
