@@ -290,6 +290,18 @@ SCENARIOS=(
   sigterm_graceful
 )
 
+# Further scenario groups live in scenarios/*.sh: each defines sc_<name> functions and
+# appends its names to EXTRA_SCENARIOS. They run before the restart scenarios.
+EXTRA_SCENARIOS=()
+for f in "$HERE"/scenarios/*.sh; do
+  [[ -e "$f" ]] || continue
+  # shellcheck source=/dev/null
+  source "$f"
+done
+if ((${#EXTRA_SCENARIOS[@]} > 0)); then
+  SCENARIOS=("${SCENARIOS[@]:0:9}" "${EXTRA_SCENARIOS[@]}" "${SCENARIOS[@]:9}")
+fi
+
 run_scenario() {
   local name="$1" start rc
   if [[ -n "$ONLY" && ! "$name" =~ $ONLY ]]; then

@@ -1,22 +1,23 @@
-//! The engine: writer thread (group commit), flusher thread (durability, checkpoints),
-//! recovery, reads, lookups and retention.
+//! The engine: writer thread (group commit), flusher thread (background durability,
+//! checkpoints), recovery, reads, lookups and retention.
 //!
 //! ```text
-//!  append() ──► channel ──► writer thread ──────────────► flusher thread
-//!                            drain every queued request     fdatasync segments in order
-//!                            assign queue offsets            (one sync in flight at a time)
-//!                            encode, one pwrite per batch    Sync: complete appends,
-//!                            write consume-queue entries           make entries visible
-//!                            add index entries               every checkpoint_interval:
-//!                            Async: complete appends now       sync queues + index, write
-//!                            Sync: hand completions over ──►   the checkpoint
+//!  append() ──► channel ──► writer thread                       flusher thread
+//!                            drain every queued request           Async: fdatasync every
+//!                            assign queue offsets                   interval / N bytes
+//!                            encode, one pwrite per batch         every checkpoint_interval:
+//!                            write consume-queue entries            sync queues + index, then
+//!                            add index entries                      write the checkpoint
+//!                            Sync:  fdatasync, then complete
+//!                            Async: complete now, kick flusher
 //! ```
 //!
 //! Group commit never waits on a timer: the writer takes whatever is queued when it becomes
-//! free, and the flusher syncs whatever was written when it becomes free, so the batch size
-//! adapts to the load. Readers only see records below the visibility line of their queue,
-//! which in Sync mode moves after the fdatasync, so a consumer never reads a record that a
-//! crash could take back.
+//! free. In Sync mode it runs the fdatasync itself, so the appends that arrive during one
+//! sync form the next batch and share the next sync; batch size adapts to the load, and at
+//! most one fdatasync of the commit log is ever in flight. Readers only see records below
+//! the visibility line of their queue, which in Sync mode moves after the fdatasync, so a
+//! consumer never reads a record that a crash could take back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -124,15 +125,8 @@ struct Request {
     reply: Reply,
 }
 
-struct FlushJob {
-    replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)>,
-    visible: Vec<(Arc<ConsumeQueue>, u64)>,
-}
-
-enum FlushMsg {
-    Job(FlushJob),
-    Kick,
-}
+/// Writer → flusher: enough unflushed bytes have accumulated (Async).
+struct Kick;
 
 struct Shared {
     config: StoreConfig,
@@ -436,7 +430,7 @@ impl Store {
         tracing::info!(valid_end = report.valid_end, replayed = report.records_replayed, took = ?report.duration, "store recovered");
 
         let (tx, rx) = mpsc::channel::<Request>();
-        let (ftx, frx) = mpsc::channel::<FlushMsg>();
+        let (ftx, frx) = mpsc::channel::<Kick>();
         let mut threads = Vec::new();
         let s = shared.clone();
         threads.push(
@@ -960,7 +954,7 @@ struct WriterQueue {
 
 struct Writer {
     shared: Arc<Shared>,
-    flush: mpsc::Sender<FlushMsg>,
+    flush: mpsc::Sender<Kick>,
     pos: u64,
     last_ts: i64,
     queues: Vec<WriterQueue>,
@@ -972,7 +966,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, flush: mpsc::Sender<FlushMsg>) -> Writer {
+    fn new(shared: Arc<Shared>, flush: mpsc::Sender<Kick>) -> Writer {
         let pos = shared.written.load(Ordering::Acquire);
         Writer {
             shared,
@@ -1209,70 +1203,76 @@ impl Writer {
                 self.unflushed += self.buf.len() as u64;
                 if self.unflushed >= bytes {
                     self.unflushed = 0;
-                    let _ = self.flush.send(FlushMsg::Kick);
+                    let _ = self.flush.send(Kick);
                 }
             }
             FlushPolicy::Sync => {
-                let _ = self
-                    .flush
-                    .send(FlushMsg::Job(FlushJob { replies, visible }));
+                // Group commit: this one fdatasync covers every append of the batch, and the
+                // appends that arrive meanwhile queue up to form the next batch. Only the
+                // writer syncs the commit log in Sync mode, so at most one fdatasync is in
+                // flight.
+                let durable = self.shared.durable.load(Ordering::Acquire);
+                let synced = match self.shared.fenced_error() {
+                    Some(e) => Err(e),
+                    None => self.shared.sync_clog(durable, self.pos),
+                };
+                match synced {
+                    Ok(()) => {
+                        self.shared.durable.store(self.pos, Ordering::Release);
+                        for (q, next) in &visible {
+                            q.visible.fetch_max(*next, Ordering::AcqRel);
+                            self.shared.notify(q, *next);
+                        }
+                        for (reply, r) in replies {
+                            let _ = reply.send(r);
+                        }
+                    }
+                    Err(e) => {
+                        // fsyncgate: after a failed fsync the page cache may have dropped the
+                        // dirty pages, so a retry could "succeed" without the data. Never
+                        // acknowledge after it.
+                        self.shared.fence(e.to_string());
+                        let why = self.shared.fenced.lock().clone().unwrap_or_default();
+                        for (reply, r) in replies {
+                            let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
+                        }
+                    }
+                }
             }
         }
     }
 }
 
-fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<FlushMsg>) {
+/// Background durability: in Async mode syncs the commit log every interval or when kicked;
+/// in both modes writes checkpoints (queue and index files synced first).
+fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Kick>) {
     let ckpt_every = shared.config.checkpoint_interval;
     let wake_every = match shared.config.flush {
         FlushPolicy::Sync => ckpt_every,
         FlushPolicy::Async { interval, .. } => interval.min(ckpt_every),
     };
     let mut last_ckpt = Instant::now();
-    let mut jobs: Vec<FlushJob> = Vec::new();
     let mut stop = false;
     loop {
         match rx.recv_timeout(wake_every) {
-            Ok(FlushMsg::Job(j)) => jobs.push(j),
-            Ok(FlushMsg::Kick) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Kick) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
         }
-        loop {
-            match rx.try_recv() {
-                Ok(FlushMsg::Job(j)) => jobs.push(j),
-                Ok(FlushMsg::Kick) => {}
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    stop = true;
-                    break;
+        while let Ok(Kick) = rx.try_recv() {}
+        // In Sync mode the writer syncs the commit log itself, before acknowledging.
+        if let FlushPolicy::Async { .. } = shared.config.flush {
+            let durable = shared.durable.load(Ordering::Acquire);
+            let target = shared.written.load(Ordering::Acquire);
+            if target > durable && !shared.is_fenced.load(Ordering::Acquire) {
+                match shared.sync_clog(durable, target) {
+                    Ok(()) => shared.durable.store(target, Ordering::Release),
+                    // fsyncgate: after a failed fsync the page cache may have dropped the
+                    // dirty pages, so a retry could "succeed" without the data.
+                    Err(e) => shared.fence(e.to_string()),
                 }
-            }
-        }
-        let durable = shared.durable.load(Ordering::Acquire);
-        let target = shared.written.load(Ordering::Acquire);
-        if target > durable && !shared.is_fenced.load(Ordering::Acquire) {
-            match shared.sync_clog(durable, target) {
-                Ok(()) => shared.durable.store(target, Ordering::Release),
-                // fsyncgate: after a failed fsync the page cache may have dropped the dirty
-                // pages, so a retry could "succeed" without the data. Never ack after it.
-                Err(e) => shared.fence(e.to_string()),
             }
         }
         let fenced = shared.fenced_error();
-        for job in jobs.drain(..) {
-            if fenced.is_none() {
-                for (q, next) in &job.visible {
-                    q.visible.fetch_max(*next, Ordering::AcqRel);
-                    shared.notify(q, *next);
-                }
-            }
-            for (reply, r) in job.replies {
-                let r = match (&fenced, r) {
-                    (Some(e), Ok(_)) => Err(StoreError::Fenced(e.to_string())),
-                    (_, r) => r,
-                };
-                let _ = reply.send(r);
-            }
-        }
         if (stop || last_ckpt.elapsed() >= ckpt_every) && fenced.is_none() {
             last_ckpt = Instant::now();
             if let Err(e) = shared.checkpoint() {
