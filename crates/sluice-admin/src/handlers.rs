@@ -31,6 +31,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 // ------------------------------------------------------------------------------- health
 
+/// Prometheus text exposition of every metric of the process.
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        sluice_common::metrics::global().render(),
+    )
+}
+
 pub async fn healthz() -> &'static str {
     "ok"
 }

@@ -71,6 +71,7 @@ fn build(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(h::healthz))
         .route("/readyz", get(h::readyz))
+        .route("/metrics", get(h::metrics))
         .route("/api/v1/broker", get(h::broker_status))
         .route("/api/v1/topics", get(h::list_topics).post(h::create_topic))
         .route(

@@ -116,6 +116,38 @@ async fn health_and_status() {
 }
 
 #[tokio::test]
+async fn metrics_are_exposed_in_prometheus_text() {
+    let e = env();
+    let r = post(
+        &e.app,
+        "/api/v1/topics",
+        r#"{"name":"m","type":"normal","queues":1}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = post(&e.app, "/api/v1/groups", r#"{"name":"mg"}"#).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = get(&e.app, "/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "{:?}",
+        r.headers
+    );
+    for name in [
+        "# TYPE sluice_store_append_seconds histogram",
+        "# TYPE sluice_store_fsync_seconds histogram",
+        "sluice_store_disk_bytes",
+        "sluice_store_disk_free_bytes",
+    ] {
+        assert!(r.text.contains(name), "missing {name}:\n{}", r.text);
+    }
+}
+
+#[tokio::test]
 async fn topic_lifecycle() {
     let e = env();
     let r = post(

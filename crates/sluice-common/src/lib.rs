@@ -4,6 +4,7 @@
 //! so every other crate may use it.
 
 pub mod clock;
+pub mod metrics;
 pub mod names;
 pub mod units;
 

@@ -8,6 +8,7 @@
 mod clients;
 pub mod codes;
 mod convert;
+mod metrics;
 mod service;
 
 use std::future::Future;
@@ -73,6 +74,7 @@ pub async fn run<M: Messaging>(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(1024))
+        .layer(metrics::MetricsLayer)
         .add_service(server)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_wait.wait_for(|s| *s).await;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use sluice_common::{Clock, SystemClock, validate_resource_name};
+use sluice_common::{Clock, SystemClock, metrics, validate_resource_name};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::Checkpoint;
@@ -149,6 +149,85 @@ struct Shared {
     fsync_nanos: AtomicU64,
     syncs_in_flight: AtomicU64,
     max_syncs_in_flight: AtomicU64,
+    metrics: StoreMetrics,
+}
+
+struct StoreMetrics {
+    append: metrics::Histogram,
+    fsync: metrics::Histogram,
+}
+
+impl StoreMetrics {
+    fn new() -> Self {
+        let r = metrics::global();
+        StoreMetrics {
+            append: r.histogram(
+                "sluice_store_append_seconds",
+                "Time from append to completion per the flush policy.",
+                &[],
+                metrics::LATENCY_BUCKETS,
+            ),
+            fsync: r.histogram(
+                "sluice_store_fsync_seconds",
+                "Duration of commit-log fdatasync calls.",
+                &[],
+                metrics::LATENCY_BUCKETS,
+            ),
+        }
+    }
+}
+
+/// Exposes store figures at scrape time; holds the store weakly.
+fn register_collector(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    metrics::global().collector(move || {
+        let Some(s) = weak.upgrade() else {
+            return vec![];
+        };
+        let g =
+            |name: &str, help: &str, v: f64| (name.to_owned(), help.to_owned(), "gauge", vec![], v);
+        let free = s.vfs.available_space(&s.config.data_dir).unwrap_or(0) as f64;
+        vec![
+            g(
+                "sluice_store_disk_bytes",
+                "Bytes of commit-log segments on disk.",
+                s.clog.disk_bytes() as f64,
+            ),
+            g(
+                "sluice_store_disk_free_bytes",
+                "Free bytes on the data file system.",
+                free,
+            ),
+            g(
+                "sluice_store_written_offset_bytes",
+                "Commit-log offset written.",
+                s.written.load(Ordering::Acquire) as f64,
+            ),
+            g(
+                "sluice_store_durable_offset_bytes",
+                "Commit-log offset known durable.",
+                s.durable.load(Ordering::Acquire) as f64,
+            ),
+            (
+                "sluice_store_appended_messages_total".into(),
+                "Messages appended since start.".into(),
+                "counter",
+                vec![],
+                s.appended_messages.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "sluice_store_fenced".into(),
+                "1 when the store refuses writes after a failed fsync.".into(),
+                "gauge",
+                vec![],
+                if s.is_fenced.load(Ordering::Acquire) {
+                    1.0
+                } else {
+                    0.0
+                },
+            ),
+        ]
+    });
 }
 
 impl Shared {
@@ -234,9 +313,11 @@ impl Shared {
             // (Sync) or counted as durable (Async, checkpoint) only after this returns.
             let r = seg.file.sync_data();
             self.syncs_in_flight.fetch_sub(1, Ordering::AcqRel);
+            let took = t.elapsed();
             self.fsync_nanos
-                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.metrics.fsync.observe_duration(took);
             r.map_err(|e| StoreError::io("fdatasync segment", &seg.path, e))?;
         }
         Ok(())
@@ -391,8 +472,10 @@ impl Store {
             fsync_nanos: AtomicU64::new(0),
             syncs_in_flight: AtomicU64::new(0),
             max_syncs_in_flight: AtomicU64::new(0),
+            metrics: StoreMetrics::new(),
             config,
         });
+        register_collector(&shared);
         let durable = ckpt.map(|c| c.clog_durable).unwrap_or(0);
         let from = if damaged || ckpt.is_none() {
             first
@@ -569,8 +652,11 @@ impl Store {
     /// Appends messages; resolves once they are stored according to the flush policy. The
     /// messages of one call are stored contiguously and in order.
     pub async fn append(&self, msgs: Vec<AppendMessage>) -> Result<Vec<AppendResult>, StoreError> {
+        let t = Instant::now();
         let rx = self.submit(msgs)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let r = rx.await.map_err(|_| StoreError::Closed)?;
+        self.shared.metrics.append.observe_duration(t.elapsed());
+        r
     }
 
     /// Blocking form of [`Store::append`] for threads outside an async runtime.
