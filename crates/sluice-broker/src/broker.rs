@@ -189,6 +189,7 @@ pub struct Broker {
     nonce_seed: u64,
     nonce_counter: AtomicU64,
     round_robin: AtomicU64,
+    metrics: crate::metrics::BrokerMetrics,
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -321,7 +322,9 @@ impl Broker {
             nonce_seed: random_seed(),
             nonce_counter: AtomicU64::new(0),
             round_robin: AtomicU64::new(0),
+            metrics: Default::default(),
         }))
+        .inspect(|b| crate::metrics::register_collector(Arc::downgrade(b)))
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -1235,6 +1238,7 @@ impl Messaging for Broker {
             match self.store.append(batch).await {
                 Ok(stored) => {
                     for ((i, r), q) in slots.iter().zip(stored).zip(queues) {
+                        self.metrics.sent(&messages[*i].topic, messages[*i].body.len());
                         results[*i] = Some(Ok(SendReceipt {
                             message_id: messages[*i].message_id.clone(),
                             queue_id: q,
@@ -1310,6 +1314,8 @@ impl Messaging for Broker {
             }
             self.persist(events).await?;
             if !out.is_empty() {
+                let bytes = out.iter().map(|d| d.message.body.len()).sum();
+                self.metrics.delivered(&topic.name, out.len(), bytes);
                 return Ok(out);
             }
             let now = tokio::time::Instant::now();

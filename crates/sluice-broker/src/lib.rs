@@ -11,6 +11,7 @@ pub mod filter;
 pub mod handle;
 pub mod messaging;
 pub mod meta;
+mod metrics;
 pub mod pop;
 
 pub use broker::{
