@@ -118,6 +118,7 @@ struct Run {
     p50_us: u64,
     p99_us: u64,
     fsyncs_per_s: f64,
+    per_batch: f64,
 }
 
 fn append_run(
@@ -173,6 +174,7 @@ fn append_run(
         p50_us: hists.value_at_quantile(0.5),
         p99_us: hists.value_at_quantile(0.99),
         fsyncs_per_s: st.fsyncs as f64 / secs,
+        per_batch: st.appended_messages as f64 / st.batches.max(1) as f64,
     })
 }
 
@@ -205,9 +207,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s |"
+        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s | msgs per write |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let sizes: &[usize] = if args.quick {
         &[1024]
     } else {
@@ -246,13 +248,14 @@ fn main() -> anyhow::Result<()> {
                     (bw, format!("{:.0} MB/s (disk)", bw / 1e6))
                 };
                 println!(
-                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} |",
+                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} | {:.1} |",
                     m.msgs_per_s,
                     m.bytes_per_s / 1e6,
                     100.0 * m.bytes_per_s / bound,
                     m.p50_us,
                     m.p99_us,
-                    m.fsyncs_per_s
+                    m.fsyncs_per_s,
+                    m.per_batch
                 );
                 std::io::stdout().flush()?;
             }
