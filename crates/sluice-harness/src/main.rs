@@ -4,6 +4,7 @@
 //! (lost, phantom, inconsistent offsets, redelivery after ack or before the invisible time).
 //! Exit status 1 when a safety check fails.
 
+mod abuse;
 mod history;
 
 use std::path::PathBuf;
@@ -77,6 +78,15 @@ enum Cmd {
         /// Keep the data directory afterwards.
         #[arg(long)]
         keep: bool,
+    },
+    /// Bad input against a server: idle and slow connections, garbage, oversized and
+    /// malformed requests; the server must keep serving with bounded memory.
+    Abuse {
+        #[arg(long, default_value = "target/debug/sluice")]
+        sluice: PathBuf,
+        /// Idle connections to hold open.
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
     },
 }
 
@@ -336,35 +346,30 @@ async fn consumer(
         };
         let mut stream = stream.into_inner();
         let mut acks = Vec::new();
-        loop {
-            match stream.message().await {
-                Ok(Some(f)) => {
-                    if let Some(Content::Message(m)) = f.content {
-                        let sp = m.system_properties.unwrap_or_default();
-                        let at = now_ms();
-                        last_delivery.store(at as u64, Ordering::Relaxed);
-                        let mut h = hist.lock().await;
-                        h.push(Event::Delivered {
-                            id: sp.message_id.clone(),
-                            queue: sp.queue_id,
-                            offset: sp.queue_offset.unwrap_or(-1),
-                            attempt: sp.delivery_attempt.unwrap_or(0),
-                            at_ms: at,
-                        });
-                        if sp.delivery_attempt == Some(1) && rng.unit() < skip_ack {
-                            h.push(Event::Skipped {
-                                id: sp.message_id.clone(),
-                            });
-                        } else {
-                            acks.push(v2::AckMessageEntry {
-                                message_id: sp.message_id,
-                                receipt_handle: sp.receipt_handle.unwrap_or_default(),
-                                lite_topic: None,
-                            });
-                        }
-                    }
+        while let Ok(Some(f)) = stream.message().await {
+            if let Some(Content::Message(m)) = f.content {
+                let sp = m.system_properties.unwrap_or_default();
+                let at = now_ms();
+                last_delivery.store(at as u64, Ordering::Relaxed);
+                let mut h = hist.lock().await;
+                h.push(Event::Delivered {
+                    id: sp.message_id.clone(),
+                    queue: sp.queue_id,
+                    offset: sp.queue_offset.unwrap_or(-1),
+                    attempt: sp.delivery_attempt.unwrap_or(0),
+                    at_ms: at,
+                });
+                if sp.delivery_attempt == Some(1) && rng.unit() < skip_ack {
+                    h.push(Event::Skipped {
+                        id: sp.message_id.clone(),
+                    });
+                } else {
+                    acks.push(v2::AckMessageEntry {
+                        message_id: sp.message_id,
+                        receipt_handle: sp.receipt_handle.unwrap_or_default(),
+                        lite_topic: None,
+                    });
                 }
-                Ok(None) | Err(_) => break,
             }
         }
         if acks.is_empty() {
@@ -589,6 +594,47 @@ async fn soak(
     Ok(ok)
 }
 
+async fn abuse_main(sluice: PathBuf, idle: usize) -> anyhow::Result<bool> {
+    let work =
+        std::env::temp_dir().join(format!("sluice-abuse-{}-{}", std::process::id(), now_ms()));
+    std::fs::create_dir_all(&work)?;
+    let mut server = Server {
+        bin: sluice
+            .canonicalize()
+            .with_context(|| format!("no sluice binary at {}", sluice.display()))?,
+        data: work.join("data"),
+        grpc: free_port()?,
+        admin: free_port()?,
+        flush: "sync".into(),
+        child: None,
+        log: work.join("server.log"),
+    };
+    server.start().await?;
+    server.cli(&[
+        "topic", "create", TOPIC, "--type", "normal", "--queues", "2",
+    ])?;
+    let pid = server.child.as_ref().and_then(|c| c.id()).unwrap_or(0);
+    let outcome = abuse::run(server.grpc, pid, idle).await?;
+    let alive = server
+        .child
+        .as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+    let stopped = server.terminate().await;
+    let mut ok = outcome.checks.iter().all(|(_, ok, _)| *ok) && alive;
+    if let Err(e) = stopped {
+        println!("FAIL graceful stop: {e}");
+        ok = false;
+    } else {
+        println!("ok   graceful stop: exit 0");
+    }
+    if ok {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("work dir kept: {}", work.display());
+    }
+    Ok(ok)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -596,6 +642,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let ok = match cli.cmd {
+        Cmd::Abuse { sluice, idle } => rt.block_on(abuse_main(sluice, idle))?,
         Cmd::Soak {
             sluice,
             cycles,
