@@ -47,12 +47,23 @@ impl ReceiptHandle {
         if parts.len() != 7 || parts[0] != "1" {
             return Err(bad("unknown format"));
         }
+        // Only the canonical spelling is accepted, so a handle has exactly one form.
+        let num = |p: &str, what: &str| -> Result<u64, BrokerError> {
+            let canonical = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'));
+            if !canonical {
+                return Err(bad(what));
+            }
+            p.parse().map_err(|_| bad(what))
+        };
+        if parts[6].len() != 16 || !parts[6].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad("nonce"));
+        }
         Ok(ReceiptHandle {
             broker: parts[1].to_owned(),
             topic: parts[2].to_owned(),
-            queue_id: parts[3].parse().map_err(|_| bad("queue id"))?,
-            offset: parts[4].parse().map_err(|_| bad("offset"))?,
-            attempt: parts[5].parse().map_err(|_| bad("attempt"))?,
+            queue_id: u32::try_from(num(parts[3], "queue id")?).map_err(|_| bad("queue id"))?,
+            offset: num(parts[4], "offset")?,
+            attempt: u32::try_from(num(parts[5], "attempt")?).map_err(|_| bad("attempt"))?,
             nonce: u64::from_str_radix(parts[6], 16).map_err(|_| bad("nonce"))?,
         })
     }
@@ -80,6 +91,22 @@ mod tests {
         assert!(ReceiptHandle::decode("").is_err());
         assert!(ReceiptHandle::decode("garbage").is_err());
         assert!(ReceiptHandle::decode(&"x~".repeat(400)).is_err());
+        // Non-canonical spellings of the same handle are refused.
+        let seal = |body: &str| format!("{body}~{:08x}", crc32c::crc32c(body.as_bytes()));
+        assert!(ReceiptHandle::decode(&seal("1~b0~orders~3~042~2~00000000deadbeef")).is_err());
+        assert!(ReceiptHandle::decode(&seal("1~b0~orders~3~42~2~deadbeef")).is_err());
+        assert!(ReceiptHandle::decode(&seal("1~b0~orders~+3~42~2~00000000deadbeef")).is_err());
+        assert!(ReceiptHandle::decode(&seal("1~b0~orders~3~42~2~00000000deadbeef")).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn decoded_handles_reencode_to_themselves(s in "1~[a-z]{1,4}~[a-z]{1,4}~[0-9]{1,3}~[0-9]{1,5}~[0-9]{1,2}~[0-9a-f]{16}") {
+            let sealed = format!("{s}~{:08x}", crc32c::crc32c(s.as_bytes()));
+            if let Ok(h) = ReceiptHandle::decode(&sealed) {
+                prop_assert_eq!(h.encode(), sealed);
+            }
+        }
     }
 
     proptest! {
