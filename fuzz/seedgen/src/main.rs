@@ -1,0 +1,365 @@
+//! Writes the seed corpora of the fuzz targets: `fuzz/corpus/<target>/seed-*`.
+//!
+//! Run from anywhere with `cargo run --manifest-path fuzz/Cargo.toml -p sluice-fuzz-seedgen`
+//! (an optional argument overrides the output directory). Existing `seed-*` files of a
+//! target are replaced; other files (inputs libFuzzer added) are left alone. Every seed is
+//! produced by the real encoders (the store's commit log and consume queues, the broker's
+//! receipt handles, prost) and checked to decode or parse before it is written.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use sluice_broker::filter::{Filter, FilterKind};
+use sluice_broker::handle::ReceiptHandle;
+use sluice_proto::prost::Message as _;
+use sluice_proto::{prost_types, v2};
+use sluice_store::record::{self, PROP_KEYS, PROP_MSG_ID, PROP_TAGS};
+use sluice_store::{AppendMessage, CqEntry, Store, StoreConfig};
+
+type Seeds = Vec<(String, Vec<u8>)>;
+
+fn main() {
+    let out = std::env::args_os().nth(1).map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus"),
+        PathBuf::from,
+    );
+    let (records, entries) = store_seeds();
+    write(&out, "record_decode", records);
+    write(&out, "cq_entry", entries);
+    write(&out, "receipt_handle", receipt_handle_seeds());
+    write(&out, "sql_filter", sql_filter_seeds());
+    write(&out, "grpc_request", grpc_request_seeds());
+}
+
+fn write(root: &Path, target: &str, seeds: Seeds) {
+    let dir = root.join(target);
+    fs::create_dir_all(&dir).expect("create corpus dir");
+    for e in fs::read_dir(&dir).expect("list corpus dir") {
+        let e = e.expect("dir entry");
+        if e.file_name().to_string_lossy().starts_with("seed-") {
+            fs::remove_file(e.path()).expect("remove old seed");
+        }
+    }
+    let mut bytes = 0;
+    for (name, data) in &seeds {
+        bytes += data.len();
+        fs::write(dir.join(format!("seed-{name}")), data).expect("write seed");
+    }
+    println!("{target}: {} seeds, {bytes} bytes", seeds.len());
+}
+
+fn msg(topic: &str, queue_id: u32, props: &[(&str, &str)], body: &[u8]) -> AppendMessage {
+    AppendMessage {
+        topic: topic.to_owned(),
+        queue_id,
+        flags: 0,
+        born_ts: 1_700_000_000_000,
+        properties: props
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        body: Bytes::copy_from_slice(body),
+    }
+}
+
+/// Records and consume-queue entries exactly as a real store writes them to disk.
+fn store_seeds() -> (Seeds, Seeds) {
+    let dir = std::env::temp_dir().join(format!("sluice-fuzz-seedgen-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let store = Store::open(StoreConfig::small(&dir)).expect("open store");
+    let mut fifo = msg("orders", 1, &[("MSG_GROUP", "g1")], b"second");
+    fifo.flags = 1;
+    let batch = vec![
+        msg(
+            "orders",
+            3,
+            &[
+                (PROP_MSG_ID, "01E2031531CDD364F67E27B72000000004"),
+                (PROP_TAGS, "TagA"),
+                (PROP_KEYS, "k1 k2"),
+                ("color", "blue"),
+            ],
+            b"hello body",
+        ),
+        fifo,
+        msg("t", 0, &[], b""),
+        msg(
+            "%RETRY%g-1|x_y",
+            7,
+            &[("", ""), ("k\u{00e9}y", "v\u{2603}")],
+            &[0, 1, 2, 255],
+        ),
+        msg("orders", 3, &[(PROP_TAGS, "TagB")], &[b'x'; 64]),
+    ];
+    let results = store.append_blocking(batch).expect("append");
+    store.close();
+    drop(store);
+
+    let clog = read_single_file(&dir.join("commitlog"));
+    let mut records = Seeds::new();
+    for (i, r) in results.iter().enumerate() {
+        let at = usize::try_from(r.physical_offset).expect("offset fits");
+        let rec = &clog[at..at + r.size as usize];
+        let decoded = record::decode(&Bytes::copy_from_slice(rec), r.physical_offset)
+            .expect("stored record decodes");
+        assert_eq!(decoded.record_size, r.size);
+        records.push((format!("record-{i}"), rec.to_vec()));
+    }
+    // Two records back to back (decode reads the first), and a torn record.
+    let first_two = (results[0].size + results[1].size) as usize;
+    records.push(("two-records".to_owned(), clog[..first_two].to_vec()));
+    records.push((
+        "torn-record".to_owned(),
+        clog[..results[0].size as usize - 5].to_vec(),
+    ));
+
+    let mut entries = Seeds::new();
+    for (topic, queue) in [("orders", 3), ("orders", 1)] {
+        let cq = read_single_file(&dir.join("consumequeue").join(topic).join(queue.to_string()));
+        for (i, chunk) in cq.chunks_exact(28).take(2).enumerate() {
+            let e = CqEntry::decode(chunk).expect("28-byte entry decodes");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| r.physical_offset == e.clog_offset && r.size == e.size)
+            );
+            entries.push((format!("{topic}-{queue}-{i}"), chunk.to_vec()));
+        }
+    }
+    entries.push(("hole".to_owned(), vec![0; 28]));
+    entries.push((
+        "two-entries".to_owned(),
+        [&entries[0].1[..], &entries[1].1[..]].concat(),
+    ));
+    entries.push(("short".to_owned(), entries[0].1[..27].to_vec()));
+
+    fs::remove_dir_all(&dir).expect("remove temp store");
+    (records, entries)
+}
+
+/// The only file of a directory, without trailing preallocated zeros.
+fn read_single_file(dir: &Path) -> Vec<u8> {
+    let files: Vec<_> = fs::read_dir(dir)
+        .expect("list store dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    assert_eq!(files.len(), 1, "expected one file in {}", dir.display());
+    fs::read(&files[0]).expect("read store file")
+}
+
+fn receipt_handle_seeds() -> Seeds {
+    let handles = [
+        ReceiptHandle {
+            broker: "broker-0".into(),
+            topic: "orders".into(),
+            queue_id: 3,
+            offset: 42,
+            attempt: 1,
+            nonce: 0x0123_4567_89ab_cdef,
+        },
+        ReceiptHandle {
+            broker: String::new(),
+            topic: "%RETRY%group".into(),
+            queue_id: u32::MAX,
+            offset: u64::MAX,
+            attempt: 17,
+            nonce: u64::MAX,
+        },
+        ReceiptHandle {
+            broker: "b\u{00e9}".into(),
+            topic: "t\u{2603}".into(),
+            queue_id: 0,
+            offset: 0,
+            attempt: 0,
+            nonce: 0,
+        },
+    ];
+    let mut seeds = Seeds::new();
+    for (i, h) in handles.iter().enumerate() {
+        let s = h.encode();
+        assert_eq!(ReceiptHandle::decode(&s).ok().as_ref(), Some(h));
+        seeds.push((format!("handle-{i}"), s.clone().into_bytes()));
+        if i == 0 {
+            // Without its checksum: the target seals inputs itself.
+            let (body, _) = s.rsplit_once('~').expect("has a checksum");
+            seeds.push(("unsealed".to_owned(), body.as_bytes().to_vec()));
+        }
+    }
+    seeds
+}
+
+fn sql_filter_seeds() -> Seeds {
+    let sql = [
+        "a > 1 AND b IN ('x','y')",
+        "TAGS IN ('TagA', 'TagB') OR TAGS IS NULL",
+        "a IS NULL OR b IS NOT NULL",
+        "price BETWEEN 1.5 AND 2e3 AND qty NOT BETWEEN -10 AND 10",
+        "name LIKE 'a%b_c' OR name NOT LIKE '!%%' ESCAPE '!'",
+        "NOT (x = 'it''s') AND y <> 'z'",
+        "a <> b OR a = b OR a >= b OR a.b$c != c_d",
+        "color CONTAINS 'bl' AND color NOT STARTSWITH 'x' AND color ENDSWITH 'e'",
+        "flag = TRUE OR flag <> FALSE OR TRUE",
+        "n >= -12 OR n < 3.25 OR n <= 9223372036854775807 OR 5 > n",
+        "((((a = 'a'))) and not (b in ('b')) or c is null)",
+    ];
+    let mut seeds = Seeds::new();
+    for (i, s) in sql.iter().enumerate() {
+        Filter::parse(FilterKind::Sql, s).unwrap_or_else(|e| panic!("seed {s:?}: {e}"));
+        seeds.push((format!("sql-{i}"), s.as_bytes().to_vec()));
+    }
+    // With an explicit message: properties and a tag after a NUL byte.
+    seeds.push((
+        "sql-with-message".to_owned(),
+        b"a > 1 AND b IN ('x','y') AND TAGS = 'TagA'\0a=5\nb=y\nTagA".to_vec(),
+    ));
+    for (i, s) in ["TagA||TagB", "*", " a || b||a ||||  c ", "a|||b"]
+        .iter()
+        .enumerate()
+    {
+        seeds.push((format!("tag-{i}"), s.as_bytes().to_vec()));
+    }
+    seeds.push(("syntax-error".to_owned(), b"a = 1 )".to_vec()));
+    seeds
+}
+
+fn resource(name: &str) -> Option<v2::Resource> {
+    Some(v2::Resource {
+        resource_namespace: String::new(),
+        name: name.to_owned(),
+    })
+}
+
+fn grpc_request_seeds() -> Seeds {
+    let handle = ReceiptHandle {
+        broker: "broker-0".into(),
+        topic: "orders".into(),
+        queue_id: 3,
+        offset: 42,
+        attempt: 1,
+        nonce: 0x0123_4567_89ab_cdef,
+    }
+    .encode();
+    let send = v2::SendMessageRequest {
+        messages: vec![v2::Message {
+            topic: resource("orders"),
+            user_properties: HashMap::from([("a".to_owned(), "5".to_owned())]),
+            system_properties: Some(v2::SystemProperties {
+                tag: Some("TagA".to_owned()),
+                keys: vec!["k1".to_owned()],
+                message_id: "01E2031531CDD364F67E27B72000000004".to_owned(),
+                body_digest: Some(v2::Digest {
+                    r#type: v2::DigestType::Md5 as i32,
+                    // MD5 of "hello"
+                    checksum: "5D41402ABC4B2A76B9719D911017C592".to_owned(),
+                }),
+                message_type: v2::MessageType::Normal as i32,
+                born_timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 5_000_000,
+                }),
+                born_host: "10.0.0.1".to_owned(),
+                queue_id: 3,
+                ..Default::default()
+            }),
+            body: b"hello".to_vec(),
+        }],
+    };
+    let send_fifo = v2::SendMessageRequest {
+        messages: vec![v2::Message {
+            topic: resource("fifo-topic"),
+            user_properties: HashMap::new(),
+            system_properties: Some(v2::SystemProperties {
+                message_id: "m2".to_owned(),
+                message_type: v2::MessageType::Fifo as i32,
+                message_group: Some("g1".to_owned()),
+                body_encoding: v2::Encoding::Gzip as i32,
+                ..Default::default()
+            }),
+            body: vec![0x1f, 0x8b, 0x08, 0x00],
+        }],
+    };
+    let receive = v2::ReceiveMessageRequest {
+        group: resource("group-a"),
+        message_queue: None,
+        filter_expression: Some(v2::FilterExpression {
+            r#type: v2::FilterType::Sql as i32,
+            expression: "a > 1 AND b IN ('x','y')".to_owned(),
+        }),
+        batch_size: 16,
+        invisible_duration: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        auto_renew: false,
+        long_polling_timeout: Some(prost_types::Duration {
+            seconds: 20,
+            nanos: 0,
+        }),
+        attempt_id: Some("attempt-1".to_owned()),
+    };
+    let ack = v2::AckMessageRequest {
+        group: resource("group-a"),
+        topic: resource("orders"),
+        entries: vec![v2::AckMessageEntry {
+            message_id: "m1".to_owned(),
+            receipt_handle: handle.clone(),
+            lite_topic: None,
+        }],
+    };
+    let change = v2::ChangeInvisibleDurationRequest {
+        group: resource("group-a"),
+        topic: resource("orders"),
+        receipt_handle: handle,
+        invisible_duration: Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        message_id: "m1".to_owned(),
+        lite_topic: None,
+        suspend: Some(false),
+    };
+    let route = v2::QueryRouteRequest {
+        topic: resource("orders"),
+        endpoints: None,
+    };
+    let telemetry = v2::TelemetryCommand {
+        status: None,
+        command: Some(v2::telemetry_command::Command::Settings(v2::Settings {
+            client_type: Some(v2::ClientType::Producer as i32),
+            backoff_policy: Some(v2::RetryPolicy {
+                max_attempts: 3,
+                strategy: Some(v2::retry_policy::Strategy::ExponentialBackoff(
+                    v2::ExponentialBackoff {
+                        initial: Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 10_000_000,
+                        }),
+                        max: Some(prost_types::Duration {
+                            seconds: 1,
+                            nanos: 0,
+                        }),
+                        multiplier: 2.0,
+                    },
+                )),
+            }),
+            ..Default::default()
+        })),
+    };
+    let seeds = vec![
+        ("send".to_owned(), send.encode_to_vec()),
+        ("send-fifo-gzip".to_owned(), send_fifo.encode_to_vec()),
+        ("receive".to_owned(), receive.encode_to_vec()),
+        ("ack".to_owned(), ack.encode_to_vec()),
+        ("change-invisible".to_owned(), change.encode_to_vec()),
+        ("query-route".to_owned(), route.encode_to_vec()),
+        ("telemetry-settings".to_owned(), telemetry.encode_to_vec()),
+    ];
+    assert_eq!(
+        v2::SendMessageRequest::decode(seeds[0].1.as_slice()).expect("decodes"),
+        send
+    );
+    seeds
+}
