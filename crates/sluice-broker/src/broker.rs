@@ -100,6 +100,16 @@ pub struct BrokerConfig {
     pub pop_snapshot_interval: Duration,
     /// How often retention runs.
     pub retention_interval: Duration,
+    /// Latest delivery time accepted for a delay message, from now.
+    pub max_delay: Duration,
+    /// The timer task of delay messages.
+    pub timer: crate::timer::TimerConfig,
+    /// A transaction neither committed nor rolled back for this long is checked with its
+    /// producer, and again after each further interval.
+    pub transaction_check_interval: Duration,
+    /// Unanswered checks before `transaction_default_resolution` is applied.
+    pub transaction_max_checks: u32,
+    pub transaction_default_resolution: crate::transaction::TransactionResolution,
 }
 
 impl BrokerConfig {
@@ -119,6 +129,11 @@ impl BrokerConfig {
             max_receive_batch: 1024,
             pop_snapshot_interval: Duration::from_secs(60),
             retention_interval: Duration::from_secs(60),
+            max_delay: Duration::from_secs(40 * 86_400),
+            timer: crate::timer::TimerConfig::default(),
+            transaction_check_interval: Duration::from_secs(30),
+            transaction_max_checks: 15,
+            transaction_default_resolution: crate::transaction::TransactionResolution::Rollback,
         }
     }
 }
@@ -189,17 +204,20 @@ pub struct Broker {
     nonce_seed: u64,
     nonce_counter: AtomicU64,
     round_robin: AtomicU64,
+    pub(crate) timer: Arc<crate::timer::Timer>,
     metrics: crate::metrics::BrokerMetrics,
+    pub(crate) tx: crate::transaction::Transactions,
+    pub(crate) offsets: crate::offsets::Offsets,
 }
 
-fn splitmix(mut x: u64) -> u64 {
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
@@ -212,7 +230,7 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(b) ^ t ^ ((std::process::id() as u64) << 32)
 }
 
-struct View<'a>(&'a StoredMessage);
+pub(crate) struct View<'a>(pub(crate) &'a StoredMessage);
 
 impl MessageView for View<'_> {
     fn tag(&self) -> Option<&str> {
@@ -247,6 +265,7 @@ pub fn to_message(m: &StoredMessage) -> Message {
         born_timestamp_ms: m.born_ts,
         born_host: m.property(keys::BORN_HOST).unwrap_or_default().to_owned(),
         queue_id: Some(m.queue_id),
+        producer_client_id: None,
     }
 }
 
@@ -311,6 +330,14 @@ impl Broker {
                 n.notify_waiters();
             }
         });
+        let tx = crate::transaction::Transactions::open(&config, store.clone(), clock.clone())?;
+        let offsets = crate::offsets::Offsets::open(&config, store.clone())?;
+        let timer = Arc::new(crate::timer::Timer::open(
+            config.data_dir.join("timer"),
+            store.clone(),
+            clock.clone(),
+            config.timer.clone(),
+        )?);
         Ok(Arc::new(Broker {
             store,
             meta,
@@ -322,9 +349,20 @@ impl Broker {
             nonce_seed: random_seed(),
             nonce_counter: AtomicU64::new(0),
             round_robin: AtomicU64::new(0),
+            timer,
             metrics: Default::default(),
+            tx,
+            offsets,
         }))
         .inspect(|b| crate::metrics::register_collector(Arc::downgrade(b)))
+        .and_then(|b| {
+            // Snapshot right away when the log had to be replayed, so that repeated crashes
+            // do not make every start replay a longer log.
+            if replayed > 0 {
+                b.snapshot_pop()?;
+            }
+            Ok(b)
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -335,7 +373,7 @@ impl Broker {
         &self.config
     }
 
-    fn now(&self) -> i64 {
+    pub(crate) fn now(&self) -> i64 {
         self.clock.now_ms()
     }
 
@@ -343,7 +381,7 @@ impl Broker {
         splitmix(self.nonce_seed ^ self.nonce_counter.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn notifier(&self, topic: &str) -> Arc<Notify> {
+    pub(crate) fn notifier(&self, topic: &str) -> Arc<Notify> {
         self.waiters
             .lock()
             .entry(topic.to_owned())
@@ -621,7 +659,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Writes a snapshot of the POP state, so that start-up replays only the log after it.
+    /// Writes a snapshot of the POP state (and of the transaction and committed-offset
+    /// tables), so that start-up replays only the logs after it.
     pub fn snapshot_pop(&self) -> Result<(), BrokerError> {
         // Take the log position first: every event below it is already applied in memory
         // (events are applied before they are appended).
@@ -639,18 +678,27 @@ impl Broker {
             &b,
         )?;
         self.pop_log_applied.store(log_offset, Ordering::Relaxed);
-        Ok(())
+        // The transaction and committed-offset tables are event-sourced the same way.
+        self.tx.snapshot()?;
+        self.offsets.snapshot()
     }
 
-    /// Background upkeep until `shutdown` fires: POP snapshots and retention.
+    /// Background upkeep until `shutdown` fires: POP snapshots, retention and checks of
+    /// orphaned transactions.
     pub async fn run_maintenance(
         self: Arc<Self>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut snap = tokio::time::interval(self.config.pop_snapshot_interval);
         let mut ret = tokio::time::interval(self.config.retention_interval);
+        let mut txc = tokio::time::interval(
+            (self.config.transaction_check_interval / 2)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        );
+        txc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         snap.tick().await;
         ret.tick().await;
+        let timers = tokio::spawn(self.timer.clone().run(shutdown.clone()));
         loop {
             tokio::select! {
                 _ = snap.tick() => {
@@ -665,8 +713,16 @@ impl Broker {
                         tracing::warn!(error = %e, "retention failed");
                     }
                 }
+                _ = txc.tick() => {
+                    if let Err(e) = self.check_transactions().await {
+                        tracing::warn!(error = %e, "transaction check failed");
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
+        }
+        if let Err(e) = timers.await {
+            tracing::warn!(error = %e, "the timer task failed");
         }
         if let Err(e) = self.snapshot_pop() {
             tracing::warn!(error = %e, "final POP snapshot failed");
@@ -766,13 +822,10 @@ impl Broker {
                     ));
                 }
             },
-            MessageType::Delay | MessageType::Transaction => {
-                return Err(BrokerError::NotImplemented(format!(
-                    "{} messages",
-                    mt.as_str()
-                )));
+            MessageType::Delay => {
+                crate::timer::check_delivery_time(m.delivery_timestamp_ms, self.now(), c.max_delay)?
             }
-            MessageType::Normal => {}
+            MessageType::Normal | MessageType::Transaction => {}
         }
         Ok(())
     }
@@ -1222,7 +1275,14 @@ impl Messaging for Broker {
                         (self.round_robin.fetch_add(1, Ordering::Relaxed) % t.queues as u64) as u32
                     }
                 };
-                Ok::<_, BrokerError>(self.to_append(m, &t, q))
+                let a = self.to_append(m, &t, q);
+                Ok::<_, BrokerError>(match t.message_type {
+                    // Stored as a half message until the transaction ends.
+                    MessageType::Transaction => self.tx.half(a, m.producer_client_id.as_deref()),
+                    // Kept in the timer log until its delivery time (timer.rs).
+                    MessageType::Delay => self.timer.route(a),
+                    _ => a,
+                })
             })();
             match r {
                 Ok(a) => {
@@ -1234,16 +1294,30 @@ impl Messaging for Broker {
             }
         }
         if !batch.is_empty() {
-            let queues: Vec<u32> = batch.iter().map(|a| a.queue_id).collect();
+            let queues: Vec<(u32, String)> = batch
+                .iter()
+                .map(|a| {
+                    crate::transaction::Transactions::receipt(a)
+                        .unwrap_or_else(|| (crate::timer::receipt_queue(a).0, String::new()))
+                })
+                .collect();
+            let timed: Vec<bool> = batch
+                .iter()
+                .map(|a| crate::timer::receipt_queue(a).1)
+                .collect();
             match self.store.append(batch).await {
                 Ok(stored) => {
-                    for ((i, r), q) in slots.iter().zip(stored).zip(queues) {
-                        self.metrics.sent(&messages[*i].topic, messages[*i].body.len());
+                    for (((i, r), (q, txid)), timed) in
+                        slots.iter().zip(stored).zip(queues).zip(timed)
+                    {
+                        self.metrics
+                            .sent(&messages[*i].topic, messages[*i].body.len());
                         results[*i] = Some(Ok(SendReceipt {
                             message_id: messages[*i].message_id.clone(),
                             queue_id: q,
                             offset: r.queue_offset,
-                            transaction_id: String::new(),
+                            transaction_id: txid,
+                            recall_handle: self.timer.accepted(timed, &messages[*i], &r),
                         }));
                     }
                 }
@@ -1425,5 +1499,50 @@ impl Messaging for Broker {
         };
         self.pop.lock().apply(&e);
         self.persist(vec![e]).await
+    }
+
+    // Transactions (transaction.rs) and stream reads (pull.rs).
+
+    async fn end_transaction(&self, req: crate::EndTransaction) -> Result<(), BrokerError> {
+        self.tx.end(req).await
+    }
+
+    fn subscribe_transaction_checks(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::TransactionCheck> {
+        self.tx.subscribe()
+    }
+
+    async fn pull(&self, req: crate::PullRequest) -> Result<crate::PullResult, BrokerError> {
+        self.pull_queue(req).await
+    }
+
+    async fn update_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<(), BrokerError> {
+        self.commit_offset(group, topic, queue, offset).await
+    }
+
+    fn get_offset(&self, group: &str, topic: &str, queue: u32) -> Result<Option<u64>, BrokerError> {
+        self.committed_offset(group, topic, queue)
+    }
+
+    fn query_offset(
+        &self,
+        topic: &str,
+        queue: u32,
+        query: crate::OffsetQuery,
+    ) -> Result<u64, BrokerError> {
+        self.lookup_offset(topic, queue, query)
+    }
+
+    // Delay messages (timer.rs).
+
+    async fn recall(&self, topic: &str, recall_handle: &str) -> Result<String, BrokerError> {
+        self.timer.recall(topic, recall_handle).await
     }
 }

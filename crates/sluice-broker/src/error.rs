@@ -53,6 +53,10 @@ pub enum BrokerError {
     InvalidReceiptHandle(String),
     #[error("invalid transaction: {0}")]
     InvalidTransaction(String),
+    #[error("illegal offset: {0}")]
+    IllegalOffset(String),
+    #[error("no pending delay message: {0}")]
+    NoPendingMessage(String),
     #[error("not implemented: {0}")]
     NotImplemented(String),
     #[error("too many requests: {0}")]

@@ -49,13 +49,19 @@ impl ReceiptHandle {
         }
         // Only the canonical spelling is accepted, so a handle has exactly one form.
         let num = |p: &str, what: &str| -> Result<u64, BrokerError> {
-            let canonical = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'));
+            let canonical = !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (p == "0" || !p.starts_with('0'));
             if !canonical {
                 return Err(bad(what));
             }
             p.parse().map_err(|_| bad(what))
         };
-        if parts[6].len() != 16 || !parts[6].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if parts[6].len() != 16
+            || !parts[6]
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(bad("nonce"));
         }
         Ok(ReceiptHandle {

@@ -1,6 +1,7 @@
 //! Broker semantics of Sluice: topics and consumer groups, sends with validation, POP
 //! consumption (receipt handles, invisible time, ack, redelivery, dead letters), tag and
-//! SQL92 filters and long polling, on top of `sluice-store`.
+//! SQL92 filters and long polling, transactional messages, and pull reads with committed
+//! offsets, on top of `sluice-store`.
 //!
 //! *Architecture invariant*: no gRPC or HTTP types here. Protocol edges talk to the broker
 //! through [`Messaging`] and map [`BrokerError`] to their own codes.
@@ -12,7 +13,11 @@ pub mod handle;
 pub mod messaging;
 pub mod meta;
 mod metrics;
+pub mod offsets;
 pub mod pop;
+pub mod pull;
+pub mod timer;
+pub mod transaction;
 
 pub use broker::{
     Broker, BrokerConfig, GroupQueueStatus, GroupStatus, QueueStatus, StoredView, TopicStatus,
@@ -20,3 +25,6 @@ pub use broker::{
 pub use error::BrokerError;
 pub use messaging::{Delivery, Message, Messaging, ReceiveRequest, SendReceipt, TopicRoute};
 pub use meta::{Backoff, GroupConfig, MessageType, StartPosition, TopicConfig};
+pub use pull::{OffsetQuery, PullRequest, PullResult, PullStatus};
+pub use timer::{TimerConfig, TimerReport};
+pub use transaction::{EndTransaction, TransactionCheck, TransactionResolution, TransactionSource};

@@ -33,6 +33,9 @@ pub struct Message {
     pub born_host: String,
     /// Queue the client picked (honoured when valid).
     pub queue_id: Option<u32>,
+    /// Client id of the producer that sent it, when the edge knows it (transaction checks
+    /// go to this producer first). Not stored for other messages.
+    pub producer_client_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct SendReceipt {
     pub offset: u64,
     /// Non-empty for transactional messages.
     pub transaction_id: String,
+    /// Non-empty for delay messages still waiting: cancels them with [`Messaging::recall`].
+    pub recall_handle: String,
 }
 
 /// A message handed to a consumer.
@@ -128,4 +133,47 @@ pub trait Messaging: Send + Sync + 'static {
         topic: &str,
         receipt_handle: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Cancels a delay message that is still waiting, named by the recall handle its send
+    /// returned, for good (also across restarts). Returns its message id. A message
+    /// already delivered, or an unknown one, is `NoPendingMessage`.
+    fn recall(
+        &self,
+        topic: &str,
+        recall_handle: &str,
+    ) -> impl Future<Output = Result<String, BrokerError>> + Send;
+
+    /// Commits (the message becomes visible on its topic) or rolls back a transaction's
+    /// half message. Unknown and already ended transactions are `InvalidTransaction`.
+    fn end_transaction(
+        &self,
+        req: crate::EndTransaction,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// Checks of orphaned transactions, for the edge to forward to a live producer of the
+    /// topic (which answers with [`Messaging::end_transaction`]).
+    fn subscribe_transaction_checks(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::TransactionCheck>;
+    /// Reads a queue from an offset, waiting up to `long_poll` for a matching message.
+    fn pull(
+        &self,
+        req: crate::PullRequest,
+    ) -> impl Future<Output = Result<crate::PullResult, BrokerError>> + Send;
+    /// Sets a group's committed offset of a queue; resolves once it is durable.
+    fn update_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// A group's committed offset of a queue; `None` if it never committed one.
+    fn get_offset(&self, group: &str, topic: &str, queue: u32) -> Result<Option<u64>, BrokerError>;
+    /// The beginning, end, or first offset at or after a time, of a queue.
+    fn query_offset(
+        &self,
+        topic: &str,
+        queue: u32,
+        query: crate::OffsetQuery,
+    ) -> Result<u64, BrokerError>;
 }

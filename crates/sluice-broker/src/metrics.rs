@@ -30,10 +30,26 @@ impl BrokerMetrics {
         let r = metrics::global();
         let l = [("topic", topic)];
         let c = TopicCounters {
-            msgs_in: r.counter("sluice_broker_messages_in_total", "Messages stored, per topic.", &l),
-            bytes_in: r.counter("sluice_broker_bytes_in_total", "Body bytes stored, per topic.", &l),
-            msgs_out: r.counter("sluice_broker_messages_out_total", "Messages delivered to consumers, per topic.", &l),
-            bytes_out: r.counter("sluice_broker_bytes_out_total", "Body bytes delivered to consumers, per topic.", &l),
+            msgs_in: r.counter(
+                "sluice_broker_messages_in_total",
+                "Messages stored, per topic.",
+                &l,
+            ),
+            bytes_in: r.counter(
+                "sluice_broker_bytes_in_total",
+                "Body bytes stored, per topic.",
+                &l,
+            ),
+            msgs_out: r.counter(
+                "sluice_broker_messages_out_total",
+                "Messages delivered to consumers, per topic.",
+                &l,
+            ),
+            bytes_out: r.counter(
+                "sluice_broker_bytes_out_total",
+                "Body bytes delivered to consumers, per topic.",
+                &l,
+            ),
         };
         self.topics.write().insert(topic.to_owned(), c.clone());
         c
@@ -55,10 +71,14 @@ impl BrokerMetrics {
 /// Lag and in-flight gauges per (group, topic), read at scrape time.
 pub(crate) fn register_collector(broker: Weak<Broker>) {
     metrics::global().collector(move || {
-        let Some(b): Option<Arc<Broker>> = broker.upgrade() else { return vec![] };
+        let Some(b): Option<Arc<Broker>> = broker.upgrade() else {
+            return vec![];
+        };
         let mut out = Vec::new();
         for g in b.groups() {
-            let Ok(st) = b.group_status(&g.name) else { continue };
+            let Ok(st) = b.group_status(&g.name) else {
+                continue;
+            };
             let mut per_topic: HashMap<String, (u64, u64)> = HashMap::new();
             for q in st.queues {
                 let e = per_topic.entry(q.topic).or_default();
@@ -66,7 +86,10 @@ pub(crate) fn register_collector(broker: Weak<Broker>) {
                 e.1 += q.inflight;
             }
             for (topic, (lag, inflight)) in per_topic {
-                let l = vec![("group".to_string(), g.name.clone()), ("topic".to_string(), topic)];
+                let l = vec![
+                    ("group".to_string(), g.name.clone()),
+                    ("topic".to_string(), topic),
+                ];
                 out.push((
                     "sluice_broker_consumer_lag_messages".to_string(),
                     "Messages not yet handed out to the group.".to_string(),

@@ -154,6 +154,30 @@ pub async fn run(grpc: u16, pid: u32, idle: usize) -> anyhow::Result<Outcome> {
         format!("{} held (opened in {:.1} s); a normal send took {} µs; server RSS {rss1} KiB (+{} KiB, {:.1} KiB per connection)", conns.len(), t.elapsed().as_secs_f64(), lat.as_micros(), rss1.saturating_sub(rss0), rss1.saturating_sub(rss0) as f64 / idle.max(1) as f64),
     );
 
+    // Connections that never send the HTTP/2 preface are closed after the handshake
+    // timeout (10 s by default).
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut closed = 0;
+    for s in conns.iter_mut().take(200) {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::io::AsyncReadExt::read(s, &mut b),
+        )
+        .await
+        {
+            closed += 1;
+        }
+    }
+    let rss_idle = rss_kib(pid);
+    out.check(
+        "idle connections closed after the handshake timeout",
+        closed == 200,
+        format!(
+            "{closed} of 200 sampled connections closed by the server; server RSS {rss_idle} KiB"
+        ),
+    );
+
     // Slowloris: the HTTP/2 preface one byte at a time.
     let mut slow = Vec::new();
     for _ in 0..100 {

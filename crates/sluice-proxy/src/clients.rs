@@ -116,4 +116,36 @@ impl Clients {
             r.next = next;
         }
     }
+
+    /// Telemetry streams that may answer a transaction check of `topic`: the `preferred`
+    /// client's (the producer that sent the message) if it is connected, else those of
+    /// every connected producer whose settings publish to the topic, ordered by client id.
+    pub fn transaction_checkers(
+        &self,
+        preferred: Option<&str>,
+        topic: &str,
+    ) -> Vec<TelemetrySender> {
+        let all = self.inner.lock();
+        let live = |c: &Client| {
+            c.telemetry
+                .as_ref()
+                .filter(|(_, tx)| !tx.is_closed())
+                .map(|(_, tx)| tx.clone())
+        };
+        if let Some(tx) = preferred.and_then(|id| all.get(id)).and_then(live) {
+            return vec![tx];
+        }
+        let mut found: Vec<(&String, TelemetrySender)> = all
+            .iter()
+            .filter(|(_, c)| {
+                matches!(
+                    c.settings.as_ref().and_then(|s| s.pub_sub.as_ref()),
+                    Some(v2::settings::PubSub::Publishing(p)) if p.topics.iter().any(|t| t.name == topic)
+                )
+            })
+            .filter_map(|(id, c)| Some((id, live(c)?)))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(b.0));
+        found.into_iter().map(|(_, tx)| tx).collect()
+    }
 }

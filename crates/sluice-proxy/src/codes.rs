@@ -27,6 +27,9 @@ pub fn code_for(e: &BrokerError) -> Code {
         BrokerError::IllegalInvisibleTime(_) => Code::IllegalInvisibleTime,
         BrokerError::InvalidReceiptHandle(_) => Code::InvalidReceiptHandle,
         BrokerError::InvalidTransaction(_) => Code::InvalidTransactionId,
+        BrokerError::IllegalOffset(_) => Code::IllegalOffset,
+        // Not MESSAGE_NOT_FOUND: python treats that code as success (an empty receive).
+        BrokerError::NoPendingMessage(_) => Code::NotFound,
         BrokerError::NotImplemented(_) => Code::NotImplemented,
         BrokerError::TooManyRequests(_) => Code::TooManyRequests,
         BrokerError::Store(_) | BrokerError::Internal(_) => Code::InternalError,

@@ -103,6 +103,7 @@ pub fn from_pb(m: v2::Message, max_body: usize) -> Result<Message, BrokerError> 
         born_timestamp_ms: sp.born_timestamp.as_ref().map(ts_to_ms).unwrap_or(0),
         born_host: sp.born_host,
         queue_id: u32::try_from(sp.queue_id).ok(),
+        producer_client_id: None,
     })
 }
 

@@ -8,8 +8,11 @@
 mod clients;
 pub mod codes;
 mod convert;
+mod incoming;
 mod metrics;
+mod pull;
 mod service;
+mod transactions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +31,10 @@ pub struct ProxyConfig {
     pub auto_renew_invisible: Duration,
     /// Largest gRPC message accepted.
     pub max_decoding_message_size: usize,
+    /// Connections open at once; further ones are closed at accept.
+    pub max_connections: usize,
+    /// Time a new connection has to send the HTTP/2 preface before it is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -37,6 +44,8 @@ impl Default for ProxyConfig {
             max_long_poll: Duration::from_secs(20),
             auto_renew_invisible: Duration::from_secs(60),
             max_decoding_message_size: 8 << 20,
+            max_connections: 16_384,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -52,6 +61,7 @@ pub async fn run<M: Messaging>(
     use sluice_proto::v2::messaging_service_server::MessagingServiceServer;
 
     let max_msg = config.max_decoding_message_size;
+    let (max_conns, handshake_timeout) = (config.max_connections, config.handshake_timeout);
     let svc = Arc::new(service::Service {
         m: messaging,
         cfg: config,
@@ -59,6 +69,7 @@ pub async fn run<M: Messaging>(
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let renew = tokio::spawn(svc.clone().renew_loop(stop_rx.clone()));
+    let checks = tokio::spawn(svc.clone().forward_transaction_checks(stop_rx.clone()));
     let mut stop_wait = stop_rx;
     tokio::spawn(async move {
         shutdown.await;
@@ -67,9 +78,9 @@ pub async fn run<M: Messaging>(
     let server = MessagingServiceServer::from_arc(svc)
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(64 << 20);
-    // Our own listener: Nagle must be switched off per accepted stream, or small responses
-    // wait for the peer's delayed ACK (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Our own accept loop: connection cap, handshake timeout, Nagle off per stream (or small
+    // responses wait for the peer's delayed ACK, ~40 ms).
+    let (incoming, acceptor) = incoming::incoming(listener, max_conns, handshake_timeout);
     let r = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -81,5 +92,7 @@ pub async fn run<M: Messaging>(
         })
         .await;
     renew.abort();
+    acceptor.abort();
+    checks.abort();
     r
 }

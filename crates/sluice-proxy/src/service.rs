@@ -294,7 +294,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::SendMessageRequest>,
     ) -> Result<Response<v2::SendMessageResponse>, Status> {
         let c = ctx(&req);
-        let _id = require_client!(c, v2::SendMessageResponse::default());
+        let client = require_client!(c, v2::SendMessageResponse::default());
         let r = req.into_inner();
         if r.messages.is_empty() {
             return Ok(Response::new(v2::SendMessageResponse {
@@ -324,7 +324,8 @@ impl<M: Messaging> MessagingService for Service<M> {
                 continue;
             }
             match from_pb(m, self.cfg.max_body_size) {
-                Ok(m) => {
+                Ok(mut m) => {
+                    m.producer_client_id = Some(client.clone());
                     valid.push(m);
                     slots.push(i);
                     results.push(None);
@@ -344,7 +345,7 @@ impl<M: Messaging> MessagingService for Service<M> {
                     message_id: rec.message_id,
                     transaction_id: rec.transaction_id,
                     offset: rec.offset as i64,
-                    recall_handle: String::new(),
+                    recall_handle: rec.recall_handle,
                 },
                 Some(Err(e)) => v2::SendResultEntry {
                     status: Some(error_status(c.dialect, &e)),
@@ -618,15 +619,10 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::PullMessageRequest>,
     ) -> Result<Response<Self::PullMessageStream>, Status> {
         let c = ctx(&req);
-        let st = status(
-            c.dialect,
-            Code::NotImplemented,
-            "PullMessage is not implemented yet",
-        );
-        let frame = v2::PullMessageResponse {
-            content: Some(v2::pull_message_response::Content::Status(st)),
-        };
-        Ok(Response::new(Box::pin(tokio_stream::iter(vec![Ok(frame)]))))
+        let frames = self.pull_impl(&c, req.into_inner()).await;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            frames.into_iter().map(Ok),
+        ))))
     }
 
     async fn update_offset(
@@ -634,13 +630,10 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::UpdateOffsetRequest>,
     ) -> Result<Response<v2::UpdateOffsetResponse>, Status> {
         let c = ctx(&req);
-        Ok(Response::new(v2::UpdateOffsetResponse {
-            status: Some(status(
-                c.dialect,
-                Code::NotImplemented,
-                "UpdateOffset is not implemented yet",
-            )),
-        }))
+        let _id = require_client!(c, v2::UpdateOffsetResponse::default());
+        Ok(Response::new(
+            self.update_offset_impl(&c, req.into_inner()).await,
+        ))
     }
 
     async fn get_offset(
@@ -648,14 +641,8 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::GetOffsetRequest>,
     ) -> Result<Response<v2::GetOffsetResponse>, Status> {
         let c = ctx(&req);
-        Ok(Response::new(v2::GetOffsetResponse {
-            status: Some(status(
-                c.dialect,
-                Code::NotImplemented,
-                "GetOffset is not implemented yet",
-            )),
-            ..Default::default()
-        }))
+        let _id = require_client!(c, v2::GetOffsetResponse::default());
+        Ok(Response::new(self.get_offset_impl(&c, req.into_inner())))
     }
 
     async fn query_offset(
@@ -663,14 +650,8 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::QueryOffsetRequest>,
     ) -> Result<Response<v2::QueryOffsetResponse>, Status> {
         let c = ctx(&req);
-        Ok(Response::new(v2::QueryOffsetResponse {
-            status: Some(status(
-                c.dialect,
-                Code::NotImplemented,
-                "QueryOffset is not implemented yet",
-            )),
-            ..Default::default()
-        }))
+        let _id = require_client!(c, v2::QueryOffsetResponse::default());
+        Ok(Response::new(self.query_offset_impl(&c, req.into_inner())))
     }
 
     async fn end_transaction(
@@ -678,13 +659,10 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::EndTransactionRequest>,
     ) -> Result<Response<v2::EndTransactionResponse>, Status> {
         let c = ctx(&req);
-        Ok(Response::new(v2::EndTransactionResponse {
-            status: Some(status(
-                c.dialect,
-                Code::NotImplemented,
-                "transactions are not implemented yet",
-            )),
-        }))
+        let _id = require_client!(c, v2::EndTransactionResponse::default());
+        Ok(Response::new(
+            self.end_transaction_impl(&c, req.into_inner()).await,
+        ))
     }
 
     type TelemetryStream = BoxStream<v2::TelemetryCommand>;
@@ -780,14 +758,18 @@ impl<M: Messaging> MessagingService for Service<M> {
         req: Request<v2::RecallMessageRequest>,
     ) -> Result<Response<v2::RecallMessageResponse>, Status> {
         let c = ctx(&req);
-        Ok(Response::new(v2::RecallMessageResponse {
-            status: Some(status(
-                c.dialect,
-                Code::NotImplemented,
-                "RecallMessage is not implemented yet",
-            )),
-            message_id: String::new(),
-        }))
+        let r = req.into_inner();
+        let resp = match self.m.recall(&name(&r.topic), &r.recall_handle).await {
+            Ok(message_id) => v2::RecallMessageResponse {
+                status: Some(ok()),
+                message_id,
+            },
+            Err(e) => v2::RecallMessageResponse {
+                status: Some(error_status(c.dialect, &e)),
+                message_id: String::new(),
+            },
+        };
+        Ok(Response::new(resp))
     }
 
     async fn sync_lite_subscription(

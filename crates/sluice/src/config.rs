@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_broker::BrokerConfig;
+use sluice_broker::{BrokerConfig, TransactionResolution};
 use sluice_common::{parse_bytes, parse_duration};
 use sluice_proxy::ProxyConfig;
 use sluice_store::{FlushPolicy, StoreConfig};
@@ -225,6 +225,17 @@ impl Setting for FlushMode {
     }
 }
 
+impl Setting for TransactionResolution {
+    fn parse(v: &toml::Value) -> Result<Self, String> {
+        let s = expect_str(v, "\"commit\" or \"rollback\"")?;
+        TransactionResolution::parse(s)
+            .ok_or_else(|| format!("{s:?} is neither \"commit\" nor \"rollback\""))
+    }
+    fn render(&self) -> toml::Value {
+        toml::Value::String(self.as_str().into())
+    }
+}
+
 // -------------------------------------------------------------------------------- schema
 
 /// One `[section]` of the file.
@@ -334,6 +345,13 @@ section! {
         pop_snapshot_interval: HumanDuration = HumanDuration(lib_broker().pop_snapshot_interval),
         /// How often retention looks for segments to delete.
         retention_check_interval: HumanDuration = HumanDuration(lib_broker().retention_interval),
+        /// A transaction not ended for this long is checked with its producer, and again
+        /// after each further interval.
+        transaction_check_interval: HumanDuration = HumanDuration(lib_broker().transaction_check_interval),
+        /// Unanswered checks before the default resolution is applied.
+        transaction_max_checks: u32 = lib_broker().transaction_max_checks,
+        /// What happens to a transaction after the last unanswered check.
+        transaction_default_resolution: TransactionResolution = lib_broker().transaction_default_resolution,
     }
 }
 
@@ -608,6 +626,10 @@ impl Config {
                 "[broker] retention_check_interval",
                 br.retention_check_interval,
             ),
+            (
+                "[broker] transaction_check_interval",
+                br.transaction_check_interval,
+            ),
         ] {
             if d.0.is_zero() {
                 bad(key, "must be positive".into());
@@ -661,6 +683,9 @@ impl Config {
             max_properties: b.max_properties as usize,
             pop_snapshot_interval: b.pop_snapshot_interval.0,
             retention_interval: b.retention_check_interval.0,
+            transaction_check_interval: b.transaction_check_interval.0,
+            transaction_max_checks: b.transaction_max_checks,
+            transaction_default_resolution: b.transaction_default_resolution,
             ..BrokerConfig::new(&self.server.data_dir)
         }
     }
@@ -677,6 +702,7 @@ impl Config {
             max_decoding_message_size: d
                 .max_decoding_message_size
                 .max(body.saturating_add(1 << 20)),
+            ..d
         }
     }
 

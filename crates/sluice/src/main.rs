@@ -5,6 +5,8 @@
 //! when the server or an admin call fails, 2 for usage and configuration errors.
 
 mod admin;
+mod bench;
+mod client_cmds;
 mod config;
 mod server;
 
@@ -22,6 +24,7 @@ use crate::admin::Admin;
 use crate::config::{Config, FlushMode, Overrides};
 
 const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8080";
+const DEFAULT_ENDPOINT: &str = "127.0.0.1:8081";
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +39,9 @@ struct Cli {
     /// Print the admin API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// gRPC endpoint used by send, consume and bench [default: 127.0.0.1:8081].
+    #[arg(long, global = true, env = "SLUICE_ENDPOINT", value_name = "HOST:PORT")]
+    endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +55,12 @@ enum Command {
     Config(ConfigCommand),
     #[command(flatten)]
     Admin(AdminCommand),
+    /// Send messages through the gRPC API.
+    Send(client_cmds::SendArgs),
+    /// Receive (and acknowledge) messages through the gRPC API.
+    Consume(client_cmds::ConsumeArgs),
+    /// Load-test a RocketMQ 5 gRPC endpoint (OpenMessaging-Benchmark style).
+    Bench(bench::BenchArgs),
 }
 
 /// Commands that call the admin API.
@@ -266,6 +278,18 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e, 2),
         },
+        Command::Send(args) => client_command(cli.endpoint, |e| async move {
+            client_cmds::send(&e, cli.json, args).await
+        }),
+        Command::Consume(args) => client_command(cli.endpoint, |e| async move {
+            client_cmds::consume(&e, cli.json, args).await
+        }),
+        Command::Bench(args) => {
+            let admin = cli.admin.unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
+            client_command(cli.endpoint, |e| async move {
+                bench::run(&e, &admin, cli.json, args).await
+            })
+        }
         Command::Admin(command) => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -281,6 +305,43 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs a gRPC client command on a multi-threaded runtime.
+fn client_command<F, Fut>(endpoint: Option<String>, f: F) -> ExitCode
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_client_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
+    };
+    let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+    match rt.block_on(f(endpoint)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}"), 1),
+    }
+}
+
+/// Client commands log warnings only (RUST_LOG overrides).
+fn init_client_logging() {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::WARN.into())
+        .from_env_lossy();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn fail(e: &dyn std::fmt::Display, code: u8) -> ExitCode {
@@ -479,6 +540,86 @@ mod tests {
                 "sluice", "message", "list", "t", "--queue", "0", "--offset", "5",
             ],
             &["sluice", "status"],
+            &[
+                "sluice", "send", "t", "hello", "--tag", "a", "--key", "k1", "--key", "k2",
+            ],
+            &[
+                "sluice",
+                "--endpoint",
+                "h:1",
+                "send",
+                "t",
+                "--file",
+                "f",
+                "--property",
+                "a=1",
+                "--delay",
+                "10s",
+                "--count",
+                "3",
+            ],
+            &["sluice", "send", "t", "x", "--group", "g1", "--json"],
+            &[
+                "sluice",
+                "send",
+                "t",
+                "x",
+                "--deliver-at",
+                "2030-01-01T00:00:00Z",
+            ],
+            &["sluice", "consume", "t", "--group", "g"],
+            &[
+                "sluice",
+                "consume",
+                "t",
+                "--group",
+                "g",
+                "--filter",
+                "a||b",
+                "--max",
+                "5",
+                "--follow",
+                "--no-ack",
+                "--invisible",
+                "1m",
+            ],
+            &[
+                "sluice", "consume", "t", "--group", "g", "--sql", "a > 1", "--json",
+            ],
+            &["sluice", "bench"],
+            &[
+                "sluice",
+                "bench",
+                "--endpoint",
+                "h:1",
+                "--admin",
+                "http://h:2",
+                "--create",
+                "--topics",
+                "2",
+                "--queues",
+                "16",
+                "--producers",
+                "2",
+                "--consumers",
+                "2",
+                "--consumer-mode",
+                "push",
+                "--size",
+                "1KiB",
+                "--batch",
+                "10",
+                "--rate",
+                "max",
+                "--duration",
+                "30s",
+                "--warmup",
+                "10s",
+                "--flush-note",
+                "sync flush",
+                "--json-out",
+                "r.json",
+            ],
         ] {
             if let Err(e) = Cli::try_parse_from(args) {
                 panic!("{args:?}: {e}");
@@ -502,6 +643,24 @@ mod tests {
                 "sluice", "message", "list", "t", "--key", "k", "--queue", "1",
             ],
             &["sluice", "server", "--listen", "nowhere"],
+            &["sluice", "send", "t", "x", "--file", "f"],
+            &[
+                "sluice",
+                "send",
+                "t",
+                "x",
+                "--delay",
+                "10s",
+                "--deliver-at",
+                "2030-01-01T00:00:00Z",
+            ],
+            &["sluice", "send", "t", "x", "--group", "g", "--delay", "1s"],
+            &["sluice", "send", "t", "x", "--property", "novalue"],
+            &["sluice", "consume", "t"],
+            &[
+                "sluice", "consume", "t", "--group", "g", "--filter", "a", "--sql", "b",
+            ],
+            &["sluice", "bench", "--rate", "fast"],
         ] {
             assert!(
                 Cli::try_parse_from(args).is_err(),

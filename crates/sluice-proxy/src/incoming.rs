@@ -1,0 +1,168 @@
+//! The accept loop in front of the gRPC server.
+//!
+//! Bounds what a connection can cost before it proves to be an HTTP/2 client: at most
+//! `max_connections` are open at once (further ones are closed at accept), and a
+//! connection is handed to the gRPC server only after the 24-byte HTTP/2 client preface
+//! arrived within `handshake_timeout`; idle, slow (slowloris) and silent connections are
+//! closed. Nagle is switched off on every accepted stream.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use sluice_common::metrics;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+const PREFACE_LEN: usize = 24;
+
+/// An accepted connection holding one of the `max_connections` permits.
+pub struct Guarded {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.open.add(-1);
+    }
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Waits until the whole client preface is readable (without consuming it).
+async fn preface_arrived(s: &TcpStream) -> bool {
+    let mut b = [0u8; PREFACE_LEN];
+    loop {
+        if s.readable().await.is_err() {
+            return false;
+        }
+        match s.peek(&mut b).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE_LEN => return true,
+            // Part of it: wait a little for the rest instead of spinning on readiness.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Accepts connections from `listener` and yields those that pass the handshake check.
+/// The returned task must be aborted when the server stops.
+pub fn incoming(
+    listener: TcpListener,
+    max_connections: usize,
+    handshake_timeout: Duration,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<io::Result<Guarded>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel::<io::Result<Guarded>>(256);
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    let r = metrics::global();
+    let refused = r.counter(
+        "sluice_proxy_connections_refused_total",
+        "Connections closed at accept: over the limit.",
+        &[],
+    );
+    let timed_out = r.counter(
+        "sluice_proxy_handshake_timeouts_total",
+        "Connections closed because the HTTP/2 preface did not arrive in time.",
+        &[],
+    );
+    let accepted = r.counter(
+        "sluice_proxy_connections_accepted_total",
+        "Connections accepted.",
+        &[],
+    );
+    let open = r.gauge(
+        "sluice_proxy_connections_open",
+        "Connections currently open.",
+        &[],
+    );
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                refused.inc();
+                drop(stream);
+                continue;
+            };
+            accepted.inc();
+            let _ = stream.set_nodelay(true);
+            let tx = tx.clone();
+            let timed_out = timed_out.clone();
+            let open = open.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, preface_arrived(&stream)).await {
+                    Ok(true) => {
+                        open.add(1);
+                        let _ = tx
+                            .send(Ok(Guarded {
+                                inner: stream,
+                                _permit: permit,
+                                open,
+                            }))
+                            .await;
+                    }
+                    Ok(false) => {}
+                    Err(_) => timed_out.inc(),
+                }
+            });
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}

@@ -1,0 +1,213 @@
+//! End to end: `sluice send`, `sluice consume` and `sluice bench` against a real
+//! `sluice server` process, through the gRPC API.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split(' ').nth(1)?.parse().ok()
+}
+
+struct Server {
+    child: Child,
+    endpoint: String,
+    admin: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path) -> Server {
+    let (grpc_port, admin_port) = (free_port(), free_port());
+    let log = File::create(data.with_extension("log")).expect("log file");
+    let child = Command::new(BIN)
+        .args(["server", "--flush", "async", "--data-dir"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .env("SLUICE_STORE__SEGMENT_SIZE", "16MiB")
+        .env("SLUICE_STORE__MIN_FREE_SPACE", "0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn server");
+    let s = Server {
+        child,
+        endpoint: format!("127.0.0.1:{grpc_port}"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(admin_port, "/readyz") != Some(200) {
+        assert!(Instant::now() < deadline, "server not ready in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s
+}
+
+fn sluice(s: &Server, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("SLUICE_ENDPOINT", &s.endpoint)
+        .env("SLUICE_ADMIN", &s.admin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    if let Some(mut pipe) = child.stdin.take() {
+        if let Some(input) = stdin {
+            pipe.write_all(input).expect("stdin");
+        }
+    }
+    let out = child.wait_with_output().expect("run sluice");
+    assert!(
+        out.status.success(),
+        "sluice {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn send_consume_and_bench_through_the_grpc_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = start(&dir.path().join("data"));
+    sluice(
+        &s,
+        &[
+            "topic", "create", "orders", "--type", "normal", "--queues", "2",
+        ],
+        None,
+    );
+    sluice(
+        &s,
+        &["group", "create", "billing", "--start", "earliest"],
+        None,
+    );
+
+    let sent = stdout(&sluice(
+        &s,
+        &[
+            "send",
+            "orders",
+            "hello",
+            "--tag",
+            "created",
+            "--key",
+            "k1",
+            "--property",
+            "region=eu",
+            "--count",
+            "2",
+        ],
+        None,
+    ));
+    let ids: Vec<&str> = sent.lines().collect();
+    assert_eq!(ids.len(), 2, "{sent}");
+    assert!(ids.iter().all(|id| id.len() == 34), "{sent}");
+    let piped = stdout(&sluice(
+        &s,
+        &["--json", "send", "orders", "--tag", "other"],
+        Some(b"from stdin"),
+    ));
+    let receipt: serde_json::Value = serde_json::from_str(piped.trim()).expect("json receipt");
+    assert_eq!(receipt["topic"], "orders");
+
+    // Only the tagged ones, as JSON lines; acknowledged.
+    let got = stdout(&sluice(
+        &s,
+        &[
+            "--json", "consume", "orders", "--group", "billing", "--filter", "created", "--wait",
+            "1s",
+        ],
+        None,
+    ));
+    let msgs: Vec<serde_json::Value> = got
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(msgs.len(), 2, "{got}");
+    for m in &msgs {
+        assert_eq!(m["body"], "hello");
+        assert_eq!(m["tag"], "created");
+        assert_eq!(m["properties"]["region"], "eu");
+        assert_eq!(m["keys"][0], "k1");
+        assert!(ids.contains(&m["messageId"].as_str().unwrap_or("")));
+    }
+    let again = stdout(&sluice(
+        &s,
+        &[
+            "consume", "orders", "--group", "billing", "--filter", "created", "--wait", "1s",
+        ],
+        None,
+    ));
+    assert!(again.is_empty(), "acknowledged messages came back: {again}");
+
+    // A short benchmark that creates its own topic and group.
+    let result = dir.path().join("bench.json");
+    let out = stdout(&sluice(
+        &s,
+        &[
+            "bench",
+            "--create",
+            "--topic-prefix",
+            "b",
+            "--queues",
+            "2",
+            "--rate",
+            "300",
+            "--warmup",
+            "1s",
+            "--duration",
+            "2s",
+            "--flush-note",
+            "async, test",
+            "--json-out",
+            result.to_str().expect("utf-8 path"),
+        ],
+        None,
+    ));
+    assert!(out.contains("publish"), "{out}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).expect("result file")).expect("json");
+    assert_eq!(r["flushNote"], "async, test");
+    assert_eq!(r["partitionsPerTopic"], 2);
+    let published = r["totalPublished"].as_u64().expect("published");
+    assert!((300..=1200).contains(&published), "{published}");
+    assert_eq!(r["totalPublishErrors"], 0);
+    assert!(r["totalConsumed"].as_u64().expect("consumed") > 0);
+    assert!(r["aggregatedPublishLatency99pct"].as_f64().expect("p99") > 0.0);
+    assert!(r["aggregatedEndToEndLatency50pct"].as_f64().expect("p50") > 0.0);
+    assert!(!r["publishRate"].as_array().expect("series").is_empty());
+}
