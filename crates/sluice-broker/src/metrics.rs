@@ -74,7 +74,13 @@ pub(crate) fn register_collector(broker: Weak<Broker>) {
         let Some(b): Option<Arc<Broker>> = broker.upgrade() else {
             return vec![];
         };
-        let mut out = Vec::new();
+        let mut out = vec![(
+            "sluice_broker_pending_transactions".to_string(),
+            "Half messages waiting for commit or rollback.".to_string(),
+            "gauge",
+            vec![],
+            b.pending_transactions() as f64,
+        )];
         for g in b.groups() {
             let Ok(st) = b.group_status(&g.name) else {
                 continue;
