@@ -1076,11 +1076,16 @@ impl Broker {
         let mut cursor = state.cursor;
         let mut scan = cursor;
         let mut prefix = true;
+        // A bounded look-ahead window past the cursor: messages of other groups beyond it
+        // wait until the groups ahead of them move. This keeps a long run of one blocked
+        // group from being re-read on every receive.
+        const WINDOW: u64 = 512;
+        let mut blocked_run = 0u32;
         for _ in 0..16 {
-            if out.len() as u32 >= req.max_messages {
+            if out.len() as u32 >= req.max_messages || scan >= cursor + WINDOW {
                 break;
             }
-            let b = self.store.read(topic, q, scan, 256, 16 << 20, |_| true)?;
+            let b = self.store.read(topic, q, scan, 64, 16 << 20, |_| true)?;
             match b.status {
                 ReadStatus::Found => {}
                 ReadStatus::OffsetTooSmall => {
@@ -1102,8 +1107,14 @@ impl Broker {
                 let g = m.property(keys::MESSAGE_GROUP).map(tag_hash).unwrap_or(0);
                 if g != 0 && blocked.contains(&g) {
                     prefix = false;
+                    blocked_run += 1;
+                    // Once something was found, a long run of blocked messages ends the scan.
+                    if blocked_run >= 64 && !out.is_empty() {
+                        return Ok(cursor);
+                    }
                     continue;
                 }
+                blocked_run = 0;
                 let inf = InFlight {
                     attempt: 1,
                     nonce: self.nonce(),
