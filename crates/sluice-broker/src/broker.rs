@@ -1459,6 +1459,10 @@ impl Messaging for Broker {
                 results[i] = Err(BrokerError::Internal(format!("ack not stored: {msg}")));
             }
         }
+        // FIFO consumers waiting behind an acked message of their group can go on.
+        if results.iter().any(|r| r.is_ok()) {
+            self.notifier(topic).notify_waiters();
+        }
         results
     }
 
@@ -1488,6 +1492,8 @@ impl Messaging for Broker {
             ));
         }
         self.persist(vec![e]).await?;
+        // A waiting long poll re-checks now: the message may be visible again (a nack).
+        self.notifier(topic).notify_waiters();
         Ok(h.encode())
     }
 
