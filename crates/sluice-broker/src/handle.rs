@@ -39,6 +39,9 @@ impl ReceiptHandle {
             return Err(bad("too long"));
         }
         let (body, crc) = s.rsplit_once('~').ok_or_else(|| bad("malformed"))?;
+        if crc.len() != 8 || !crc.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad("malformed checksum"));
+        }
         let crc = u32::from_str_radix(crc, 16).map_err(|_| bad("malformed checksum"))?;
         if crc32c::crc32c(body.as_bytes()) != crc {
             return Err(bad("checksum mismatch"));
@@ -103,6 +106,13 @@ mod tests {
         assert!(ReceiptHandle::decode(&seal("1~b0~orders~3~42~2~deadbeef")).is_err());
         assert!(ReceiptHandle::decode(&seal("1~b0~orders~+3~42~2~00000000deadbeef")).is_err());
         assert!(ReceiptHandle::decode(&seal("1~b0~orders~3~42~2~00000000deadbeef")).is_ok());
+        // The checksum too has one spelling: 8 lower-case hex digits.
+        let ok = seal("1~b0~orders~3~42~2~00000000deadbeef");
+        let (body, crc) = ok.rsplit_once('~').expect("sealed");
+        assert!(
+            ReceiptHandle::decode(&format!("{body}~{}", crc.to_uppercase())).is_err()
+                || crc == crc.to_uppercase()
+        );
     }
 
     proptest! {
