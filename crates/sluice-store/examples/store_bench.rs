@@ -26,6 +26,9 @@ struct Args {
     repeats: usize,
     recovery_mib: u64,
     quick: bool,
+    /// Emulates a slower disk: every fdatasync of the store (and of the probe) is followed by
+    /// this much sleep (needs `--features fault-injection`).
+    fsync_delay_ms: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -35,6 +38,7 @@ fn parse_args() -> anyhow::Result<Args> {
         repeats: 3,
         recovery_mib: 1024,
         quick: false,
+        fsync_delay_ms: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -48,6 +52,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--repeats" => a.repeats = v()?.parse()?,
             "--recovery-mib" => a.recovery_mib = v()?.parse()?,
             "--quick" => a.quick = true,
+            "--fsync-delay-ms" => a.fsync_delay_ms = v()?.parse()?,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -112,12 +117,40 @@ fn message(size: usize, n: u64, body: &Bytes) -> AppendMessage {
     }
 }
 
+#[cfg(feature = "fault-injection")]
+fn open_store(cfg: StoreConfig, fsync_delay_ms: u64) -> anyhow::Result<Store> {
+    use sluice_store::faulty::{Faults, FaultyFs};
+    if fsync_delay_ms == 0 {
+        return Ok(Store::open(cfg)?);
+    }
+    let faults = Faults::new();
+    faults
+        .sync_delay_ms
+        .store(fsync_delay_ms, std::sync::atomic::Ordering::SeqCst);
+    let vfs = Arc::new(FaultyFs::new(sluice_store::StdFs, faults));
+    Ok(Store::open_with(
+        cfg,
+        vfs,
+        Arc::new(sluice_common::clock::SystemClock),
+    )?)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn open_store(cfg: StoreConfig, fsync_delay_ms: u64) -> anyhow::Result<Store> {
+    anyhow::ensure!(
+        fsync_delay_ms == 0,
+        "--fsync-delay-ms needs the fault-injection feature"
+    );
+    Ok(Store::open(cfg)?)
+}
+
 struct Run {
     msgs_per_s: f64,
     bytes_per_s: f64,
     p50_us: u64,
     p99_us: u64,
     fsyncs_per_s: f64,
+    fsync_avg_us: f64,
     per_batch: f64,
 }
 
@@ -128,6 +161,7 @@ fn append_run(
     size: usize,
     appenders: usize,
     seconds: f64,
+    fsync_delay_ms: u64,
 ) -> anyhow::Result<Run> {
     let mut cfg = StoreConfig::new(dir);
     cfg.flush = flush;
@@ -135,7 +169,7 @@ fn append_run(
     cfg.retention = None;
     cfg.index_slots = 1 << 16;
     cfg.index_entries = 1 << 20;
-    let store = Arc::new(Store::open(cfg)?);
+    let store = Arc::new(open_store(cfg, fsync_delay_ms)?);
     let body = Bytes::from(vec![0xA5u8; 16 << 10]);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let t0 = Instant::now();
@@ -174,6 +208,7 @@ fn append_run(
         p50_us: hists.value_at_quantile(0.5),
         p99_us: hists.value_at_quantile(0.99),
         fsyncs_per_s: st.fsyncs as f64 / secs,
+        fsync_avg_us: st.fsync_nanos as f64 / st.fsyncs.max(1) as f64 / 1e3,
         per_batch: st.appended_messages as f64 / st.batches.max(1) as f64,
     })
 }
@@ -191,7 +226,14 @@ fn main() -> anyhow::Result<()> {
             .map(|_| disk_bandwidth(&args.dir, bw_bytes))
             .collect::<anyhow::Result<_>>()?,
     );
-    let fsync = fsync_latency(&args.dir, if args.quick { 50 } else { 200 })?;
+    let fsync = fsync_latency(&args.dir, if args.quick { 50 } else { 200 })?
+        + args.fsync_delay_ms as f64 / 1e3;
+    if args.fsync_delay_ms > 0 {
+        println!(
+            "emulated slower disk: every fdatasync (store and probe) sleeps {} ms after it returns",
+            args.fsync_delay_ms
+        );
+    }
     println!("# sluice-store benchmark");
     println!();
     println!(
@@ -207,9 +249,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s | msgs per write |"
+        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s | fdatasync avg | msgs per write |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let sizes: &[usize] = if args.quick {
         &[1024]
     } else {
@@ -225,6 +267,9 @@ fn main() -> anyhow::Result<()> {
         ),
         ("sync", FlushPolicy::Sync),
     ] {
+        if args.fsync_delay_ms > 0 && flush != FlushPolicy::Sync {
+            continue;
+        }
         let inflight: &[usize] = if flush == FlushPolicy::Sync {
             &[1, 16, 256, 4096]
         } else {
@@ -235,7 +280,15 @@ fn main() -> anyhow::Result<()> {
                 let mut runs = Vec::new();
                 for r in 0..args.repeats {
                     let dir = fresh(&args.dir, &format!("run-{flush_name}-{size}-{n}-{r}"))?;
-                    runs.push(append_run(&rt, &dir, flush, size, n, args.seconds)?);
+                    runs.push(append_run(
+                        &rt,
+                        &dir,
+                        flush,
+                        size,
+                        n,
+                        args.seconds,
+                        args.fsync_delay_ms,
+                    )?);
                     std::fs::remove_dir_all(&dir)?;
                 }
                 runs.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
@@ -248,13 +301,14 @@ fn main() -> anyhow::Result<()> {
                     (bw, format!("{:.0} MB/s (disk)", bw / 1e6))
                 };
                 println!(
-                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} | {:.1} |",
+                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} | {:.0} µs | {:.1} |",
                     m.msgs_per_s,
                     m.bytes_per_s / 1e6,
                     100.0 * m.bytes_per_s / bound,
                     m.p50_us,
                     m.p99_us,
                     m.fsyncs_per_s,
+                    m.fsync_avg_us,
                     m.per_batch
                 );
                 std::io::stdout().flush()?;

@@ -67,6 +67,10 @@ pub struct StoreConfig {
     pub checkpoint_interval: Duration,
     /// Most bytes one group commit writes at once.
     pub max_batch_bytes: usize,
+    /// Sync only: longest the writer waits for appenders that are expected back before it
+    /// starts an fdatasync with a smaller batch than the previous one (never longer than a
+    /// quarter of the last fdatasync). Zero turns the wait off.
+    pub group_commit_wait: Duration,
 }
 
 impl StoreConfig {
@@ -85,6 +89,7 @@ impl StoreConfig {
             min_free_space: 1 << 30,
             checkpoint_interval: Duration::from_secs(1),
             max_batch_bytes: 4 << 20,
+            group_commit_wait: Duration::from_millis(1),
         }
     }
 
