@@ -142,8 +142,28 @@ async fn metrics_are_exposed_in_prometheus_text() {
         "# TYPE sluice_store_fsync_seconds histogram",
         "sluice_store_disk_bytes",
         "sluice_store_disk_free_bytes",
+        "sluice_broker_pending_transactions 0",
+        "sluice_broker_pending_timers 0",
     ] {
         assert!(r.text.contains(name), "missing {name}:\n{}", r.text);
+    } // Every exposed metric is documented (proxy metrics are checked by name: the proxy
+    // is not part of this test's process).
+    let doc = include_str!("../../../docs/metrics.md");
+    let exposed = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| !n.starts_with("sluice_test_"));
+    for name in exposed.chain([
+        "sluice_grpc_requests_total",
+        "sluice_grpc_request_seconds",
+        "sluice_proxy_connections_open",
+    ]) {
+        assert!(
+            doc.contains(&format!("| `{name}` |")),
+            "{name} is not documented in docs/metrics.md"
+        );
     }
 }
 

@@ -81,6 +81,14 @@ pub(crate) fn register_collector(broker: Weak<Broker>) {
             vec![],
             b.pending_transactions() as f64,
         )];
+        out.push((
+            "sluice_broker_pending_timers".to_string(),
+            "Delay messages waiting for their delivery time (a recalled one may count until then)."
+                .to_string(),
+            "gauge",
+            vec![],
+            b.timer().pending() as f64,
+        ));
         for g in b.groups() {
             let Ok(st) = b.group_status(&g.name) else {
                 continue;

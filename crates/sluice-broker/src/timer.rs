@@ -47,19 +47,36 @@
 //!      28     4  crc32c       of bytes [0, 28)
 //! ```
 //!
-//! `checkpoint` (44 bytes, replaced atomically: temporary file, fsync, rename, directory
+//! `checkpoint` (52 bytes, replaced atomically: temporary file, fsync, rename, directory
 //! fsync):
 //!
 //! ```text
-//!       0     4  magic        "STM1" (0x5354_4D31)
+//!       0     4  magic        "STM2" (0x5354_4D32)
 //!       4     4  fine_ms      bucket widths the files were written with
 //!       8     4  coarse_ms
 //!      12     4  zero
 //!      16     8  dispatched   next %TIMER% queue offset to dispatch
 //!      24     8  read_time    every entry firing before this was processed
 //!      32     8  cascaded     coarse buckets starting before this were cascaded
-//!      40     4  crc32c       of bytes [0, 40)
+//!      40     8  pending      deliver and roll entries dispatched below `dispatched`
+//!                             and not processed before `read_time`
+//!      48     4  crc32c       of bytes [0, 48)
 //! ```
+//!
+//! The 44-byte "STM1" checkpoint of earlier versions (no `pending`) is still read; the
+//! pending count then starts at zero.
+//!
+//! # Pending count
+//!
+//! `Timer::pending` (the `sluice_timer_pending` metric) counts the deliver and roll entries
+//! not processed yet: +1 when a record is dispatched, −1 when its entry is processed
+//! (delivered, rolled forward, or dropped because it was recalled: a recalled message
+//! counts until its entry, or a roll entry before it, is processed). A roll is −1 then +1
+//! for the copy; recall records are never counted. The checkpoint stores the
+//! count that matches its `dispatched` and `read_time`, so the replay after a crash
+//! (dispatching after `dispatched`, processing from `read_time`) brings it back to the
+//! same value: entries processed at exactly `read_time` before the checkpoint are added
+//! back, as the replay processes them again.
 //!
 //! # Records in `%TIMER%`
 //!
@@ -142,7 +159,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -173,8 +190,10 @@ const CASCADE_AHEAD_MS: i64 = COARSE_MS;
 const LOAD_AHEAD_MS: i64 = 5_000;
 const ENTRY_LEN: usize = 32;
 const CHECKPOINT_FILE: &str = "checkpoint";
-const CHECKPOINT_LEN: usize = 44;
-const CHECKPOINT_MAGIC: u32 = 0x5354_4D31;
+const CHECKPOINT_LEN: usize = 52;
+const CHECKPOINT_MAGIC: u32 = 0x5354_4D32;
+const CHECKPOINT_V1_LEN: usize = 44;
+const CHECKPOINT_V1_MAGIC: u32 = 0x5354_4D31;
 /// Records dispatched per run once the start-up replay is done, so that a flood of new
 /// timers cannot delay due deliveries for long.
 const DISPATCH_PER_RUN: u64 = 100_000;
@@ -390,6 +409,7 @@ struct Checkpoint {
     dispatched: u64,
     read_time: i64,
     cascaded: i64,
+    pending: u64,
 }
 
 impl Checkpoint {
@@ -402,15 +422,18 @@ impl Checkpoint {
         b.extend_from_slice(&self.dispatched.to_le_bytes());
         b.extend_from_slice(&self.read_time.to_le_bytes());
         b.extend_from_slice(&self.cascaded.to_le_bytes());
+        b.extend_from_slice(&self.pending.to_le_bytes());
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Result<Checkpoint, String> {
-        if b.len() != CHECKPOINT_LEN {
-            return Err(format!("{} bytes, expected {CHECKPOINT_LEN}", b.len()));
-        }
+        let (magic, body) = match b.len() {
+            CHECKPOINT_LEN => (CHECKPOINT_MAGIC, CHECKPOINT_LEN - 4),
+            CHECKPOINT_V1_LEN => (CHECKPOINT_V1_MAGIC, CHECKPOINT_V1_LEN - 4),
+            n => return Err(format!("{n} bytes, expected {CHECKPOINT_LEN}")),
+        };
         let u32_at = |i: usize| {
             b[i..i + 4]
                 .try_into()
@@ -423,10 +446,10 @@ impl Checkpoint {
                 .map(u64::from_le_bytes)
                 .map_err(|_| "short".to_owned())
         };
-        if u32_at(0)? != CHECKPOINT_MAGIC {
+        if u32_at(0)? != magic {
             return Err("bad magic".into());
         }
-        if crc32c::crc32c(&b[..40]) != u32_at(40)? {
+        if crc32c::crc32c(&b[..body]) != u32_at(body)? {
             return Err("checksum mismatch".into());
         }
         if u32_at(4)? as i64 != FINE_MS || u32_at(8)? as i64 != COARSE_MS {
@@ -436,6 +459,11 @@ impl Checkpoint {
             dispatched: u64_at(16)?,
             read_time: u64_at(24)? as i64,
             cascaded: u64_at(32)? as i64,
+            pending: if magic == CHECKPOINT_MAGIC {
+                u64_at(40)?
+            } else {
+                0
+            },
         })
     }
 }
@@ -702,6 +730,11 @@ struct Worker {
     loaded: i64,
     heap: BinaryHeap<Reverse<Entry>>,
     last_popped: Option<(i64, u64)>,
+    /// `fire_at` of the last processed entry, and how many were processed at that time.
+    last_processed_fire: Option<i64>,
+    processed_at_last: u64,
+    /// Deliver and roll entries not processed yet (see *Pending count*).
+    pending: u64,
     files: BucketFiles,
     last_checkpoint: Instant,
     dirty: bool,
@@ -724,6 +757,8 @@ pub struct Timer {
     /// Broker time at open: entries due before it may have been processed just before a
     /// crash, so they are checked against the message-id index first.
     opened_at: i64,
+    /// Copy of `Worker::pending` readable without the worker lock (metrics).
+    pending: AtomicU64,
 }
 
 impl Timer {
@@ -750,6 +785,7 @@ impl Timer {
         let ck = ck.unwrap_or_else(|| Checkpoint {
             dispatched: min,
             read_time: 0,
+            pending: 0,
             // Without a checkpoint, cascade whatever coarse buckets exist.
             cascaded: files
                 .coarse
@@ -803,6 +839,9 @@ impl Timer {
                 loaded: floor(ck.read_time, FINE_MS),
                 heap: BinaryHeap::new(),
                 last_popped: None,
+                last_processed_fire: None,
+                processed_at_last: 0,
+                pending: ck.pending,
                 files,
                 last_checkpoint: Instant::now(),
                 dirty: false,
@@ -812,7 +851,13 @@ impl Timer {
             wake: Notify::new(),
             next_wake: AtomicI64::new(i64::MIN),
             opened_at: now,
+            pending: AtomicU64::new(ck.pending),
         })
+    }
+
+    /// Delay messages waiting for their time (see *Pending count* in the module docs).
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &TimerConfig {
@@ -1126,6 +1171,11 @@ impl Timer {
         } else {
             (at, Kind::Deliver)
         };
+        if !recall {
+            // Recall records (even while they roll forward) are not pending messages.
+            w.pending += 1;
+            self.pending.store(w.pending, Ordering::Relaxed);
+        }
         if kind == Kind::Recall {
             if let Some(k) = recall_key(m, at) {
                 let mut s = self.shared.lock();
@@ -1253,6 +1303,8 @@ impl Timer {
             let mut appends = Vec::new();
             let mut bytes = 0usize;
             let (mut delivered, mut rolled, mut recalled) = (0, 0, 0);
+            // Entries of delay messages (not of recall records) processed in this batch.
+            let mut counted = 0u64;
             while let Some(&Reverse(e)) = w.heap.peek() {
                 if e.fire_at > limit
                     || appends.len() >= DELIVERY_BATCH
@@ -1266,7 +1318,10 @@ impl Timer {
                 }
                 w.last_popped = Some((e.fire_at, e.log_offset));
                 popped.push(e);
-                match self.prepare(&e) {
+                match self.prepare(&e).map(|(p, is_recall)| {
+                    counted += u64::from(!is_recall);
+                    p
+                }) {
                     Ok(Prepared::Append(a, rolled_copy)) => {
                         bytes += a.encoded_len();
                         appends.push(a);
@@ -1296,6 +1351,16 @@ impl Timer {
             rep.delivered += delivered;
             rep.rolled += rolled;
             rep.recalled += recalled;
+            w.pending = w.pending.saturating_sub(counted);
+            self.pending.store(w.pending, Ordering::Relaxed);
+            for e in &popped {
+                if w.last_processed_fire == Some(e.fire_at) {
+                    w.processed_at_last += 1;
+                } else {
+                    w.last_processed_fire = Some(e.fire_at);
+                    w.processed_at_last = 1;
+                }
+            }
             w.dirty = true;
         }
     }
@@ -1306,7 +1371,14 @@ impl Timer {
     }
 
     /// What processing an entry appends.
-    fn prepare(&self, e: &Entry) -> Result<Prepared, BrokerError> {
+    fn prepare(&self, e: &Entry) -> Result<(Prepared, bool), BrokerError> {
+        let mut is_recall = false;
+        let p = self.prepare_entry(e, &mut is_recall)?;
+        Ok((p, is_recall))
+    }
+
+    /// What processing an entry appends; sets `is_recall` for entries of recall records.
+    fn prepare_entry(&self, e: &Entry, is_recall: &mut bool) -> Result<Prepared, BrokerError> {
         let Some(m) = self.read_entry(e)? else {
             return Ok(Prepared::Nothing);
         };
@@ -1314,6 +1386,7 @@ impl Timer {
             return Ok(Prepared::Nothing);
         };
         let recall = m.flags & FLAG_RECALL != 0;
+        *is_recall = recall;
         if e.fire_at <= self.opened_at && self.done_before_restart(&m, e.kind, at) {
             return Ok(Prepared::Nothing);
         }
@@ -1397,10 +1470,17 @@ impl Timer {
             .heap
             .peek()
             .map_or(taken, |Reverse(e)| e.fire_at.min(taken));
+        // Entries processed at exactly `read_time` are processed again by a replay.
+        let replayed = if w.last_processed_fire == Some(read_time) {
+            w.processed_at_last
+        } else {
+            0
+        };
         let ck = Checkpoint {
             dispatched: w.dispatched,
             read_time,
             cascaded: w.cascaded,
+            pending: w.pending + replayed,
         };
         // Bucket files first (synced above), then the checkpoint that points past them.
         write_atomic(&self.dir.join(CHECKPOINT_FILE), &ck.encode())?;
@@ -1535,6 +1615,7 @@ mod tests {
             dispatched: 9,
             read_time: 1_700_000_000_000,
             cascaded: 1_700_003_600_000,
+            pending: 12_345,
         };
         let mut b = ck.encode();
         assert_eq!(b.len(), CHECKPOINT_LEN);
@@ -1542,6 +1623,13 @@ mod tests {
         b[20] ^= 1;
         assert!(Checkpoint::decode(&b).is_err());
         assert!(Checkpoint::decode(&b[..10]).is_err());
+
+        // A version 1 checkpoint (44 bytes, no pending count) is still read.
+        let mut v1 = ck.encode()[..40].to_vec();
+        v1[..4].copy_from_slice(&CHECKPOINT_V1_MAGIC.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(Checkpoint::decode(&v1), Ok(Checkpoint { pending: 0, ..ck }));
     }
 
     #[test]

@@ -282,6 +282,13 @@ async fn pending_timers_survive_restarts_and_are_delivered_once() {
     e.clock.set(T0 + 60_000);
     e.broker.run_timers_once().await.expect("run");
     assert_eq!(ids(&e.broker), vec!["P0", "P1", "P2"]);
+    assert_eq!(e.broker.timer().pending(), 4);
+    let e = restart(e);
+    assert_eq!(
+        e.broker.timer().pending(),
+        4,
+        "pending count after a restart"
+    );
     let e = restart(e);
     e.clock.set(T0 + 3_600_000);
     e.broker.run_timers_once().await.expect("run");
@@ -409,6 +416,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+enum OpKind {
+    Run,
+    Other,
+}
+
 struct Sent {
     at: i64,
     handle: String,
@@ -425,6 +437,10 @@ async fn model_run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Time of the last timer run: everything due by then was taken.
     let mut last_run = i64::MIN;
     for op in ops {
+        let op_kind = match op {
+            Op::Run | Op::RunNoCheckpoint => OpKind::Run,
+            _ => OpKind::Other,
+        };
         match op {
             Op::Send(d) => {
                 let id = format!("S{}", sent.len());
@@ -480,6 +496,24 @@ async fn model_run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(err) => return Err(TestCaseError::fail(format!("recall: {err}"))),
                 }
             }
+        }
+        if matches!(op_kind, OpKind::Run) {
+            // Every timed message not yet due counts; a recalled one may count until its
+            // time (or until a roll entry finds it recalled).
+            let waiting = |with_recalled: bool| {
+                sent.iter()
+                    .filter(|(_, s)| !s.handle.is_empty() && s.at > last_run)
+                    .filter(|(_, s)| with_recalled || !s.recalled)
+                    .count() as u64
+            };
+            let pending = e.broker.timer().pending();
+            prop_assert!(
+                (waiting(false)..=waiting(true)).contains(&pending),
+                "pending timers {} not in {}..={}",
+                pending,
+                waiting(false),
+                waiting(true)
+            );
         }
         // Whatever is visible was due when it was stored, and nothing is visible twice.
         let v = visible(&e.broker);

@@ -352,6 +352,14 @@ section! {
         transaction_max_checks: u32 = lib_broker().transaction_max_checks,
         /// What happens to a transaction after the last unanswered check.
         transaction_default_resolution: TransactionResolution = lib_broker().transaction_default_resolution,
+        /// Latest delivery time accepted for a delay message, from now.
+        max_delay: HumanDuration = HumanDuration(lib_broker().max_delay),
+        /// Longest sleep of the delay-message timer between runs.
+        timer_tick: HumanDuration = HumanDuration(lib_broker().timer.tick),
+        /// How often the timer's progress is checkpointed.
+        timer_checkpoint_interval: HumanDuration = HumanDuration(lib_broker().timer.checkpoint_interval),
+        /// Pending delay messages older than this are copied forward in the log.
+        timer_roll_window: HumanDuration = HumanDuration(lib_broker().timer.roll_window),
     }
 }
 
@@ -362,6 +370,10 @@ section! {
         max_long_poll: HumanDuration = HumanDuration(ProxyConfig::default().max_long_poll),
         /// Invisible time of messages handed to push consumers, renewed while processed.
         auto_renew_invisible: HumanDuration = HumanDuration(ProxyConfig::default().auto_renew_invisible),
+        /// Client connections open at once; further ones are closed at accept.
+        max_connections: u32 = ProxyConfig::default().max_connections as u32,
+        /// Time a new connection has to start HTTP/2 before it is closed.
+        handshake_timeout: HumanDuration = HumanDuration(ProxyConfig::default().handshake_timeout),
     }
 }
 
@@ -630,10 +642,23 @@ impl Config {
                 "[broker] transaction_check_interval",
                 br.transaction_check_interval,
             ),
+            ("[broker] max_delay", br.max_delay),
+            ("[broker] timer_tick", br.timer_tick),
+            (
+                "[broker] timer_checkpoint_interval",
+                br.timer_checkpoint_interval,
+            ),
+            ("[proxy] handshake_timeout", px.handshake_timeout),
         ] {
             if d.0.is_zero() {
                 bad(key, "must be positive".into());
             }
+        }
+        if br.timer_roll_window.0 < Duration::from_secs(60) {
+            bad("[broker] timer_roll_window", "must be at least 1m".into());
+        }
+        if px.max_connections == 0 {
+            bad("[proxy] max_connections", "must be positive".into());
         }
         if br.max_body_size.0 == 0 {
             bad("[broker] max_body_size", "must be positive".into());
@@ -686,6 +711,12 @@ impl Config {
             transaction_check_interval: b.transaction_check_interval.0,
             transaction_max_checks: b.transaction_max_checks,
             transaction_default_resolution: b.transaction_default_resolution,
+            max_delay: b.max_delay.0,
+            timer: sluice_broker::timer::TimerConfig {
+                tick: b.timer_tick.0,
+                checkpoint_interval: b.timer_checkpoint_interval.0,
+                roll_window: b.timer_roll_window.0,
+            },
             ..BrokerConfig::new(&self.server.data_dir)
         }
     }
@@ -698,11 +729,12 @@ impl Config {
             max_body_size: body,
             max_long_poll: self.proxy.max_long_poll.0,
             auto_renew_invisible: self.proxy.auto_renew_invisible.0,
+            max_connections: self.proxy.max_connections as usize,
+            handshake_timeout: self.proxy.handshake_timeout.0,
             // Room for the body plus properties and framing.
             max_decoding_message_size: d
                 .max_decoding_message_size
                 .max(body.saturating_add(1 << 20)),
-            ..d
         }
     }
 
