@@ -5,9 +5,10 @@
 //! rmq-rust-client send    --endpoint H:P --topic T [--count N] [--tag TAG] [--run-id ID]
 //! rmq-rust-client receive --endpoint H:P --topic T --group G --expect-file SENT.json
 //!                         [--expect-count N] [--wait S] [--invisible S] [--batch N]
+//! rmq-rust-client fifo-consume / fifo-no-group ...   (see fifo.rs)
 //! ```
 //!
-//! Both print exactly one JSON document on stdout (the manifest format shared
+//! All print exactly one JSON document on stdout (the manifest format shared
 //! with the Python and Node.js programs) and diagnostics on stderr.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -31,6 +32,9 @@ macro_rules! log {
         eprintln!("[{} {:02}:{:02}:{:02}Z] {}", LANG, s / 3600, s / 60 % 60, s % 60, format!($($arg)*))
     }};
 }
+
+// FIFO consumers and the no-message-group check; uses the helpers below.
+mod fifo;
 
 struct Args {
     cmd: String,
@@ -90,7 +94,10 @@ fn usage(msg: &str) -> ! {
         "usage:\n  rmq-rust-client send --endpoint H:P --topic T [--count N] [--tag TAG] [--run-id ID] [--timeout S]\n  \
          rmq-rust-client receive --endpoint H:P --topic T --group G (--expect-file F | --expect-count N)\n      \
          [--wait S] [--invisible S] [--batch N] [--filter EXPR] [--expect-attempt N] [--allow-duplicates]\n      \
-         [--long-polling S] [--timeout S]\n\
+         [--long-polling S] [--timeout S]\n  \
+         rmq-rust-client fifo-consume --endpoint H:P --topic T --group G --name NAME --events FILE --stop-file F\n      \
+         [--invisible S] [--batch N] [--work-ms MS] [--retry-group MG --retry-seq N] [--long-polling S]\n  \
+         rmq-rust-client fifo-no-group --endpoint H:P --topic T\n\
          endpoint/topic/group default to env SLUICE_ENDPOINT / SLUICE_TOPIC / SLUICE_GROUP"
     );
     exit(2)
@@ -465,8 +472,10 @@ async fn main() {
         match args.cmd.as_str() {
             "send" => send(&args).await,
             "receive" => receive(&args).await,
+            "fifo-consume" => fifo::consume(&args).await,
+            "fifo-no-group" => fifo::no_group(&args).await,
             other => usage(&format!(
-                "unknown subcommand {other:?} (expected send or receive)"
+                "unknown subcommand {other:?} (expected send, receive, fifo-consume or fifo-no-group)"
             )),
         }
     };
