@@ -27,12 +27,18 @@ use tonic::transport::Channel;
 struct Args {
     seconds: f64,
     dir: std::path::PathBuf,
+    /// Only this flush policy (`async` or `sync`).
+    flush: Option<String>,
+    /// Only this run: `one`, `many`, `batched`, `paced`, `receive` (for profiling).
+    only: Option<String>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         seconds: 5.0,
         dir: "target/grpc-bench".into(),
+        flush: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -42,6 +48,8 @@ fn args() -> anyhow::Result<Args> {
         match k.as_str() {
             "--seconds" => a.seconds = v.parse()?,
             "--dir" => a.dir = v.into(),
+            "--flush" => a.flush = Some(v),
+            "--only" => a.only = Some(v),
             _ => anyhow::bail!("unknown argument {k}"),
         }
     }
@@ -84,6 +92,33 @@ struct Result_ {
     hist: Histogram<u64>,
 }
 
+/// Releases one permit per intended send, at `start + k / rate`, from a thread that
+/// sleeps with the OS timer: tokio timers round up to whole milliseconds, which would add
+/// up to 1 ms of the load generator's own lateness to every paced send.
+fn pacer(
+    sem: Arc<tokio::sync::Semaphore>,
+    start: Instant,
+    end: Instant,
+    rate: f64,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut k = 0u64;
+        loop {
+            let at = start + Duration::from_secs_f64(k as f64 / rate);
+            if at >= end {
+                sem.close();
+                return;
+            }
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            sem.add_permits(1);
+            k += 1;
+        }
+    })
+}
+
 /// Sends for `secs` with `inflight` concurrent requests of `batch` messages each. With
 /// `rate` set, requests start at fixed intervals and latency counts from the intended
 /// start (no coordinated omission).
@@ -99,24 +134,26 @@ async fn send_load(
     let end = start + Duration::from_secs_f64(secs);
     let sent = Arc::new(AtomicU64::new(0));
     let next_slot = Arc::new(AtomicU64::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(0));
+    let pacing = rate.map(|r| pacer(sem.clone(), start, end, r));
     let mut tasks = Vec::new();
     for w in 0..inflight {
         let mut c = clients[w % clients.len()].clone();
         let body = body.clone();
         let sent = sent.clone();
         let next_slot = next_slot.clone();
+        let sem = sem.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
             loop {
                 let intended = match rate {
                     Some(r) => {
-                        let slot = next_slot.fetch_add(1, Ordering::Relaxed);
-                        let at = start + Duration::from_secs_f64(slot as f64 / r);
-                        if at >= end {
-                            break;
+                        match sem.acquire().await {
+                            Ok(p) => p.forget(),
+                            Err(_) => break, // closed: the run is over
                         }
-                        tokio::time::sleep_until(at.into()).await;
-                        at
+                        let slot = next_slot.fetch_add(1, Ordering::Relaxed);
+                        start + Duration::from_secs_f64(slot as f64 / r)
                     }
                     None => {
                         let now = Instant::now();
@@ -150,6 +187,10 @@ async fn send_load(
     let mut hist = Histogram::<u64>::new(3)?;
     for t in tasks {
         hist.add(t.await?)?;
+    }
+    if let Some(p) = pacing {
+        p.join()
+            .map_err(|_| anyhow::anyhow!("pacer thread panicked"))?;
     }
     Ok(Result_ {
         msgs_per_s: sent.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
@@ -277,10 +318,19 @@ async fn main() -> anyhow::Result<()> {
         ),
         ("sync", FlushPolicy::Sync),
     ] {
+        if a.flush.as_deref().is_some_and(|f| f != fname) {
+            continue;
+        }
+        let want = |run: &str| a.only.as_deref().is_none_or(|o| o == run);
         let base_dir = a.dir.join(format!("{fname}-store"));
         let _ = std::fs::remove_dir_all(&base_dir);
         std::fs::create_dir_all(&base_dir)?;
-        let base = store_baseline(&base_dir, flush, a.seconds).await?;
+        // With --only (profiling) the baseline is skipped: fractions print as NaN.
+        let base = if a.only.is_some() {
+            f64::NAN
+        } else {
+            store_baseline(&base_dir, flush, a.seconds).await?
+        };
         std::fs::remove_dir_all(&base_dir)?;
         println!("| {fname} | store append, 64 in flight | {base:.0} | 100% | |");
 
@@ -325,13 +375,15 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             clients.push(MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20));
         }
-        let one = send_load(&clients, a.seconds, 1, 1, None).await?;
-        println!(
-            "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} |",
-            one.msgs_per_s,
-            100.0 * one.msgs_per_s / base,
-            lat(&one.hist)
-        );
+        if want("one") {
+            let one = send_load(&clients, a.seconds, 1, 1, None).await?;
+            println!(
+                "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} |",
+                one.msgs_per_s,
+                100.0 * one.msgs_per_s / base,
+                lat(&one.hist)
+            );
+        }
         let many = send_load(&clients, a.seconds, 64, 1, None).await?;
         println!(
             "| {fname} | send, 64 in flight | {:.0} | {:.0}% | {} |",
@@ -339,29 +391,35 @@ async fn main() -> anyhow::Result<()> {
             100.0 * many.msgs_per_s / base,
             lat(&many.hist)
         );
-        let batched = send_load(&clients, a.seconds, 4, 100, None).await?;
-        println!(
-            "| {fname} | send, batches of 100, 4 in flight | {:.0} | {:.0}% | {} per batch |",
-            batched.msgs_per_s,
-            100.0 * batched.msgs_per_s / base,
-            lat(&batched.hist)
-        );
-        let half = many.msgs_per_s / 2.0;
-        let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
-        println!(
-            "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time |",
-            half,
-            paced.msgs_per_s,
-            100.0 * paced.msgs_per_s / base,
-            lat(&paced.hist)
-        );
-        let backlog = store.stats().appended_messages;
-        let mut c = clients[0].clone();
-        let rx = receive_all(&mut c, backlog).await?;
-        println!(
-            "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | |",
-            100.0 * rx / base
-        );
+        if want("batched") {
+            let batched = send_load(&clients, a.seconds, 4, 100, None).await?;
+            println!(
+                "| {fname} | send, batches of 100, 4 in flight | {:.0} | {:.0}% | {} per batch |",
+                batched.msgs_per_s,
+                100.0 * batched.msgs_per_s / base,
+                lat(&batched.hist)
+            );
+        }
+        if want("paced") {
+            let half = many.msgs_per_s / 2.0;
+            let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
+            println!(
+                "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time |",
+                half,
+                paced.msgs_per_s,
+                100.0 * paced.msgs_per_s / base,
+                lat(&paced.hist)
+            );
+        }
+        if want("receive") {
+            let backlog = store.stats().appended_messages;
+            let mut c = clients[0].clone();
+            let rx = receive_all(&mut c, backlog).await?;
+            println!(
+                "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | |",
+                100.0 * rx / base
+            );
+        }
         let _ = stop_tx.send(());
         let _ = server.await;
         drop(broker);
