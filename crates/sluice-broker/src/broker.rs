@@ -192,6 +192,14 @@ struct PopSnapshot {
 }
 
 /// The broker. Share it behind an `Arc`.
+/// Whether consumption state of `k` belongs to a group and topic that exist. State of a
+/// deleted group or topic is dropped from memory and from the snapshots at once (see
+/// `delete_group`); this filter covers a crash between the delete and that snapshot, so a
+/// group created again under the same name starts fresh.
+fn live(meta: &Metadata, k: &QueueKey) -> bool {
+    meta.group(&k.group).is_some() && meta.topic(&k.topic).is_some()
+}
+
 pub struct Broker {
     store: Arc<Store>,
     meta: Metadata,
@@ -279,6 +287,8 @@ impl Broker {
     ) -> Result<Arc<Broker>, BrokerError> {
         let meta = Metadata::open(config.data_dir.join("meta"))?;
         let snap_path = config.data_dir.join("meta").join("pop-snapshot.json");
+        // Snapshot entries of deleted groups or topics, dropped here.
+        let mut dropped = 0usize;
         let (mut table, mut log_offset) = match std::fs::read(&snap_path) {
             Ok(b) => {
                 let s: PopSnapshot = serde_json::from_slice(&b).map_err(|e| {
@@ -286,7 +296,12 @@ impl Broker {
                 })?;
                 let mut t = PopTable::default();
                 for (k, q) in s.table {
-                    t.insert(k, q);
+                    // A group or topic deleted just before a crash (see `live`).
+                    if live(&meta, &k) {
+                        t.insert(k, q);
+                    } else {
+                        dropped += 1;
+                    }
                 }
                 (t, s.log_offset)
             }
@@ -311,7 +326,9 @@ impl Broker {
                 match serde_json::from_slice::<Vec<PopEvent>>(&m.body) {
                     Ok(events) => {
                         for e in &events {
-                            table.apply(e);
+                            if live(&meta, e.key()) {
+                                table.apply(e);
+                            }
                             replayed += 1;
                         }
                     }
@@ -331,7 +348,7 @@ impl Broker {
             }
         });
         let tx = crate::transaction::Transactions::open(&config, store.clone(), clock.clone())?;
-        let offsets = crate::offsets::Offsets::open(&config, store.clone())?;
+        let offsets = crate::offsets::Offsets::open(&config, store.clone(), |k| live(&meta, k))?;
         let timer = Arc::new(crate::timer::Timer::open(
             config.data_dir.join("timer"),
             store.clone(),
@@ -357,8 +374,9 @@ impl Broker {
         .inspect(|b| crate::metrics::register_collector(Arc::downgrade(b)))
         .and_then(|b| {
             // Snapshot right away when the log had to be replayed, so that repeated crashes
-            // do not make every start replay a longer log.
-            if replayed > 0 {
+            // do not make every start replay a longer log, and when deleted state was
+            // dropped, so that it cannot come back once the name is used again.
+            if replayed > 0 || dropped > 0 {
                 b.snapshot_pop()?;
             }
             Ok(b)
@@ -438,7 +456,18 @@ impl Broker {
     pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         self.meta.delete_topic(name)?;
         self.pop.lock().retain(|k| k.topic != name);
+        self.offsets.retain(|k| k.topic != name);
+        self.snapshot_after_delete();
         Ok(())
+    }
+
+    /// After a delete, the snapshots stop carrying the deleted state, and the logs are
+    /// replayed only from after it, so a group created again under the same name starts
+    /// fresh. If the process dies first, start-up drops the state anyway (see `live`).
+    fn snapshot_after_delete(&self) {
+        if let Err(e) = self.snapshot_pop() {
+            tracing::warn!(error = %e, "snapshot after a delete failed; start-up will filter");
+        }
     }
 
     pub fn topics(&self) -> Vec<TopicConfig> {
@@ -497,6 +526,8 @@ impl Broker {
     pub fn delete_group(&self, name: &str) -> Result<(), BrokerError> {
         self.meta.delete_group(name)?;
         self.pop.lock().retain(|k| k.group != name);
+        self.offsets.retain(|k| k.group != name);
+        self.snapshot_after_delete();
         Ok(())
     }
 

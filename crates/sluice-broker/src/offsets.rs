@@ -86,7 +86,13 @@ pub(crate) struct Offsets {
 }
 
 impl Offsets {
-    pub(crate) fn open(config: &BrokerConfig, store: Arc<Store>) -> Result<Offsets, BrokerError> {
+    /// `live(key)` says whether an entry belongs to a group and topic that exist (state
+    /// of deleted ones is dropped; see `Broker::open`).
+    pub(crate) fn open(
+        config: &BrokerConfig,
+        store: Arc<Store>,
+        live: impl Fn(&QueueKey) -> bool,
+    ) -> Result<Offsets, BrokerError> {
         let snapshot_path = config.data_dir.join("meta").join("offsets-snapshot.json");
         let mut t = OffsetTable::default();
         let mut from = 0;
@@ -98,7 +104,9 @@ impl Offsets {
                 from = s.log_offset;
                 t.seq = s.seq;
                 for (k, offset, seq) in s.entries {
-                    t.map.insert(k, (offset, seq));
+                    if live(&k) {
+                        t.map.insert(k, (offset, seq));
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -124,7 +132,12 @@ impl Offsets {
                 match serde_json::from_slice::<Vec<OffsetEvent>>(&m.body) {
                     Ok(v) => {
                         for e in &v {
-                            t.apply(e);
+                            if live(&e.k) {
+                                t.apply(e);
+                            } else {
+                                // Still advances `seq`, which must never go back.
+                                t.seq = t.seq.max(e.seq);
+                            }
                             events += 1;
                         }
                     }
@@ -148,6 +161,11 @@ impl Offsets {
             snapshot_path,
             table: Mutex::new(t),
         })
+    }
+
+    /// Forgets the committed offsets for which `keep` is false (group or topic deleted).
+    pub(crate) fn retain(&self, keep: impl Fn(&QueueKey) -> bool) {
+        self.table.lock().map.retain(|k, _| keep(k));
     }
 
     pub(crate) fn get(&self, k: &QueueKey) -> Option<u64> {

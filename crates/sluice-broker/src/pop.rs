@@ -77,6 +77,19 @@ pub enum PopEvent {
     Reset { k: QueueKey, cursor: u64 },
 }
 
+impl PopEvent {
+    /// The queue of a group the event is about.
+    pub fn key(&self) -> &QueueKey {
+        match self {
+            PopEvent::Popped { k, .. }
+            | PopEvent::Acked { k, .. }
+            | PopEvent::Changed { k, .. }
+            | PopEvent::Removed { k, .. }
+            | PopEvent::Reset { k, .. } => k,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PopTable {
     queues: HashMap<QueueKey, QueuePop>,

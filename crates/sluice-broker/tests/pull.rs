@@ -273,3 +273,72 @@ async fn query_offsets_by_position_and_time() {
         Err(BrokerError::TopicNotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn a_group_created_again_under_the_same_name_starts_fresh() {
+    for clean in [true, false] {
+        let e = env();
+        fill(&e, 0, 10).await;
+        e.broker
+            .update_offset("g", "t", 0, 7)
+            .await
+            .expect("update");
+        // A second group keeps its state through all of this.
+        e.broker
+            .create_group("other", false, None, None, Some(StartPosition::Earliest))
+            .expect("group");
+        e.broker
+            .update_offset("other", "t", 0, 3)
+            .await
+            .expect("update");
+        // POP state: "g" (created before the sends) takes all 12 and leaves them in flight.
+        fill(&e, 10, 2).await;
+        let got = e
+            .broker
+            .receive(ReceiveRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                filter: Filter::All,
+                max_messages: 32,
+                invisible: Duration::from_secs(30),
+                long_poll: Duration::ZERO,
+            })
+            .await
+            .expect("receive");
+        assert_eq!(got.len(), 12);
+        let e = restart(e, clean);
+        e.broker.delete_group("g").expect("delete");
+        // A crash right after the delete, then the group is created again.
+        let e = restart(e, false);
+        e.broker
+            .create_group("g", false, None, None, Some(StartPosition::Earliest))
+            .expect("create again");
+        let e = restart(e, clean);
+        assert_eq!(
+            e.broker.get_offset("g", "t", 0).expect("get"),
+            None,
+            "clean={clean}"
+        );
+        assert_eq!(e.broker.get_offset("other", "t", 0).expect("get"), Some(3));
+        let st = e.broker.group_status("g").expect("status");
+        assert!(
+            st.queues.iter().all(|q| q.cursor == 0 && q.inflight == 0),
+            "old consumption state came back: {:?}",
+            st.queues
+        );
+        // From the earliest message, as the new group asks.
+        let got = e
+            .broker
+            .receive(ReceiveRequest {
+                group: "g".into(),
+                topic: "t".into(),
+                filter: Filter::All,
+                max_messages: 32,
+                invisible: Duration::from_secs(30),
+                long_poll: Duration::ZERO,
+            })
+            .await
+            .expect("receive");
+        assert_eq!(got.len(), 12, "clean={clean}");
+    }
+}
