@@ -152,6 +152,7 @@ struct Run {
     fsyncs_per_s: f64,
     fsync_avg_us: f64,
     per_batch: f64,
+    per_fsync: f64,
 }
 
 fn append_run(
@@ -210,6 +211,7 @@ fn append_run(
         fsyncs_per_s: st.fsyncs as f64 / secs,
         fsync_avg_us: st.fsync_nanos as f64 / st.fsyncs.max(1) as f64 / 1e3,
         per_batch: st.appended_messages as f64 / st.batches.max(1) as f64,
+        per_fsync: st.appended_messages as f64 / st.fsyncs.max(1) as f64,
     })
 }
 
@@ -249,9 +251,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s | fdatasync avg | msgs per write |"
+        "| flush | size | in flight | msgs/s | MB/s | fraction of bound | bound | append p50 | append p99 | fdatasync/s | fdatasync avg | msgs per write | msgs per fdatasync |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let sizes: &[usize] = if args.quick {
         &[1024]
     } else {
@@ -301,7 +303,7 @@ fn main() -> anyhow::Result<()> {
                     (bw, format!("{:.0} MB/s (disk)", bw / 1e6))
                 };
                 println!(
-                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} | {:.0} µs | {:.1} |",
+                    "| {flush_name} | {size} B | {n} | {:.0} | {:.1} | {:.0}% | {bound_name} | {} µs | {} µs | {:.0} | {:.0} µs | {:.1} | {} |",
                     m.msgs_per_s,
                     m.bytes_per_s / 1e6,
                     100.0 * m.bytes_per_s / bound,
@@ -309,7 +311,12 @@ fn main() -> anyhow::Result<()> {
                     m.p99_us,
                     m.fsyncs_per_s,
                     m.fsync_avg_us,
-                    m.per_batch
+                    m.per_batch,
+                    if flush == FlushPolicy::Sync {
+                        format!("{:.1}", m.per_fsync)
+                    } else {
+                        "-".to_string()
+                    }
                 );
                 std::io::stdout().flush()?;
             }

@@ -2,30 +2,35 @@
 //! checkpoints), recovery, reads, lookups and retention.
 //!
 //! ```text
-//!  append() ──► channel ──► writer thread                       flusher thread
-//!                            drain every queued request           Async: fdatasync every
-//!                            assign queue offsets                   interval / N bytes
-//!                            encode, one pwrite per batch         every checkpoint_interval:
-//!                            write consume-queue entries            sync queues + index, then
-//!                            add index entries                      write the checkpoint
-//!                            Sync:  fdatasync, then complete
-//!                            Async: complete now, kick flusher
+//!  append() ──► channel ──► writer thread                  syncer thread (Sync only)
+//!                            drain every queued request      take every written batch
+//!                            assign queue offsets            one fdatasync up to the last
+//!                            encode, one pwrite per batch    mark durable, make visible,
+//!                            write consume-queue entries     complete the appends
+//!                            add index entries
+//!                            Sync:  hand over to the syncer  flusher thread
+//!                            Async: complete now,              Async: fdatasync every
+//!                                   kick the flusher           interval / N bytes; always:
+//!                                                              checkpoints (queues + index
+//!                                                              synced first)
 //! ```
 //!
 //! Group commit never sleeps on a timer: the writer takes whatever is queued when it becomes
-//! free. In Sync mode it runs the fdatasync itself, so the appends that arrive during one
-//! sync form the next batch and share the next sync; batch size adapts to the load, and at
-//! most one fdatasync of the commit log is ever in flight.
+//! free, and in Sync mode the syncer syncs whatever was written when it becomes free. The
+//! two run in a pipeline: while one fdatasync runs, the writer already encodes and writes
+//! the appends that arrived meanwhile, and the next fdatasync covers all of them. Batch
+//! sizes adapt to the load, and only the syncer syncs the commit log in Sync mode, so at
+//! most one fdatasync of it is ever in flight.
 //!
-//! Cohorts. With a fixed set of appenders that each wait for their answer, the batches split
-//! into cohorts that take turns: the ones answered last come back a few microseconds after
-//! the writer has already started the next fdatasync with whoever was queued, and every sync
-//! carries only part of the appenders. So in Sync mode the writer remembers how many
-//! requests it knows to be in the loop (the batch it just answered plus the ones that queued
-//! during its sync) and, while its batch is smaller than that, keeps receiving for at most
-//! `group_commit_wait` (and never longer than a quarter of the last fdatasync). The wait ends the
-//! moment the batch is complete, so a steady load never pays it; a load that shrinks pays
-//! it once. This is the `commit_delay` idea of PostgreSQL with the count learnt, not set. Readers only see records below
+//! Cohorts. With a fixed set of appenders that each wait for their answer, syncs split the
+//! appenders into cohorts that take turns: the ones answered last come back a few
+//! microseconds after the syncer has already started the next fdatasync with whatever was
+//! written, and every sync carries only part of the appenders. So the syncer remembers how
+//! many requests it knows to be in the loop (the ones it just answered plus the ones that
+//! arrived during its sync) and, while it holds fewer than that, keeps receiving for at most
+//! `group_commit_wait` (and never longer than a quarter of the last fdatasync). The wait
+//! ends the moment the count is reached, so a steady load never pays it; a load that shrinks
+//! pays it once. This is the `commit_delay` idea of PostgreSQL with the count learnt. Readers only see records below
 //! the visibility line of their queue, which in Sync mode moves after the fdatasync, so a
 //! consumer never reads a record that a crash could take back.
 
@@ -138,6 +143,15 @@ struct Request {
 /// Writer → flusher: enough unflushed bytes have accumulated (Async).
 struct Kick;
 
+/// Writer → syncer (Sync): a written batch waiting for its fdatasync.
+struct SyncJob {
+    /// Commit-log end after the batch.
+    end: u64,
+    /// Queues and the offsets that become visible once the batch is durable.
+    visible: Vec<(Arc<ConsumeQueue>, u64)>,
+    replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)>,
+}
+
 struct Shared {
     config: StoreConfig,
     vfs: Arc<dyn Vfs>,
@@ -161,6 +175,8 @@ struct Shared {
     max_syncs_in_flight: AtomicU64,
     /// Requests submitted and not yet taken by the writer.
     queued: AtomicU64,
+    /// Requests written and handed to the syncer, not yet taken by it.
+    awaiting_sync: AtomicU64,
     /// Duration of the last commit-log fdatasync, in nanoseconds.
     last_fsync_nanos: AtomicU64,
     metrics: StoreMetrics,
@@ -489,6 +505,7 @@ impl Store {
             syncs_in_flight: AtomicU64::new(0),
             max_syncs_in_flight: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            awaiting_sync: AtomicU64::new(0),
             last_fsync_nanos: AtomicU64::new(0),
             metrics: StoreMetrics::new(),
             config,
@@ -533,11 +550,26 @@ impl Store {
         let (tx, rx) = mpsc::channel::<Request>();
         let (ftx, frx) = mpsc::channel::<Kick>();
         let mut threads = Vec::new();
+        let syncer = if shared.config.flush == FlushPolicy::Sync {
+            let (stx, srx) = mpsc::channel::<SyncJob>();
+            let s = shared.clone();
+            // Holds a flusher handle so the final checkpoint comes after the last sync.
+            let f = ftx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sluice-store-syncer".into())
+                    .spawn(move || syncer(s, srx, f))
+                    .map_err(|e| StoreError::io("spawn syncer", Path::new("."), e))?,
+            );
+            Some(stx)
+        } else {
+            None
+        };
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("sluice-store-writer".into())
-                .spawn(move || Writer::new(s, ftx).run(rx))
+                .spawn(move || Writer::new(s, ftx, syncer).run(rx))
                 .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
         );
         let s = shared.clone();
@@ -1065,6 +1097,8 @@ fn request_bytes(r: &Request) -> usize {
 struct Writer {
     shared: Arc<Shared>,
     flush: mpsc::Sender<Kick>,
+    /// Sync mode: where written batches go to be synced and completed.
+    syncer: Option<mpsc::Sender<SyncJob>>,
     pos: u64,
     last_ts: i64,
     queues: Vec<WriterQueue>,
@@ -1076,11 +1110,16 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, flush: mpsc::Sender<Kick>) -> Writer {
+    fn new(
+        shared: Arc<Shared>,
+        flush: mpsc::Sender<Kick>,
+        syncer: Option<mpsc::Sender<SyncJob>>,
+    ) -> Writer {
         let pos = shared.written.load(Ordering::Acquire);
         Writer {
             shared,
             flush,
+            syncer,
             pos,
             last_ts: 0,
             queues: Vec::new(),
@@ -1094,40 +1133,17 @@ impl Writer {
 
     fn run(mut self, rx: mpsc::Receiver<Request>) {
         let max = self.shared.config.max_batch_bytes;
-        let sync = self.shared.config.flush == FlushPolicy::Sync;
-        // Sync: requests known to be in the loop (see the module header on cohorts).
-        let mut expected = 0usize;
         while let Ok(first) = rx.recv() {
             let mut bytes = request_bytes(&first);
             let mut batch = vec![first];
             self.drain(&rx, &mut batch, &mut bytes, max);
-            if sync && batch.len() < expected && bytes < max {
-                let last_sync =
-                    Duration::from_nanos(self.shared.last_fsync_nanos.load(Ordering::Relaxed));
-                // A quarter of an fdatasync: when syncs are as cheap as the appenders' own
-                // round trip (fast disks), waiting longer idles the disk for no gain.
-                let deadline =
-                    Instant::now() + self.shared.config.group_commit_wait.min(last_sync / 4);
-                while batch.len() < expected && bytes < max {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(r) => {
-                            bytes += request_bytes(&r);
-                            batch.push(r);
-                            self.drain(&rx, &mut batch, &mut bytes, max);
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
             self.shared
                 .queued
                 .fetch_sub(batch.len() as u64, Ordering::AcqRel);
-            let answered = batch.len();
             self.process(batch);
-            expected = answered + self.shared.queued.load(Ordering::Acquire) as usize;
         }
-        // Dropping `self.flush` lets the flusher finish with a final sync and checkpoint.
+        // Dropping `self.syncer` lets the syncer finish the last batches; dropping
+        // `self.flush` lets the flusher finish with a final sync and checkpoint.
     }
 
     /// Moves every request already queued into `batch`, up to `max` bytes.
@@ -1355,39 +1371,98 @@ impl Writer {
                 }
             }
             FlushPolicy::Sync => {
-                // Group commit: this one fdatasync covers every append of the batch, and the
-                // appends that arrive meanwhile queue up to form the next batch. Only the
-                // writer syncs the commit log in Sync mode, so at most one fdatasync is in
-                // flight.
-                let durable = self.shared.durable.load(Ordering::Acquire);
-                let synced = match self.shared.fenced_error() {
-                    Some(e) => Err(e),
-                    None => self.shared.sync_clog(durable, self.pos),
+                let n = replies.len() as u64;
+                let job = SyncJob {
+                    end: self.pos,
+                    visible,
+                    replies,
                 };
-                match synced {
-                    Ok(()) => {
-                        self.shared.durable.store(self.pos, Ordering::Release);
-                        for (q, next) in &visible {
-                            q.visible.fetch_max(*next, Ordering::AcqRel);
-                            self.shared.notify(q, *next);
-                        }
-                        for (reply, r) in replies {
-                            let _ = reply.send(r);
-                        }
-                    }
-                    Err(e) => {
-                        // fsyncgate: after a failed fsync the page cache may have dropped the
-                        // dirty pages, so a retry could "succeed" without the data. Never
-                        // acknowledge after it.
-                        self.shared.fence(e.to_string());
-                        let why = self.shared.fenced.lock().clone().unwrap_or_default();
-                        for (reply, r) in replies {
-                            let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
-                        }
+                self.shared.awaiting_sync.fetch_add(n, Ordering::AcqRel);
+                let sent = match &self.syncer {
+                    Some(tx) => tx.send(job).map_err(|e| e.0),
+                    None => Err(job),
+                };
+                if let Err(job) = sent {
+                    // Only when the syncer thread is gone (it panicked): never acknowledge.
+                    self.shared.awaiting_sync.fetch_sub(n, Ordering::AcqRel);
+                    self.shared.fence("the syncer thread stopped".into());
+                    for (reply, _) in job.replies {
+                        let _ =
+                            reply.send(Err(StoreError::Fenced("the syncer thread stopped".into())));
                     }
                 }
             }
         }
+    }
+}
+
+/// Sync mode: makes written batches durable with one fdatasync per group, then publishes
+/// and acknowledges them (see *Cohorts* in the module docs for the wait).
+fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Sender<Kick>) {
+    let count = |jobs: &[SyncJob]| jobs.iter().map(|j| j.replies.len()).sum::<usize>();
+    let mut expected = 0usize;
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
+        }
+        let mut n = count(&jobs);
+        if n < expected {
+            let last = Duration::from_nanos(shared.last_fsync_nanos.load(Ordering::Relaxed));
+            let deadline = Instant::now() + shared.config.group_commit_wait.min(last / 4);
+            while n < expected {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(j) => {
+                        jobs.push(j);
+                        while let Ok(j) = rx.try_recv() {
+                            jobs.push(j);
+                        }
+                        n = count(&jobs);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        shared.awaiting_sync.fetch_sub(n as u64, Ordering::AcqRel);
+        let end = jobs.iter().map(|j| j.end).max().unwrap_or(0);
+        // Group commit: this one fdatasync covers every batch taken above. Only this thread
+        // syncs the commit log in Sync mode, so at most one fdatasync is in flight.
+        let durable = shared.durable.load(Ordering::Acquire);
+        let synced = match shared.fenced_error() {
+            Some(e) => Err(e),
+            None if end > durable => shared.sync_clog(durable, end),
+            None => Ok(()),
+        };
+        match synced {
+            Ok(()) => {
+                shared.durable.fetch_max(end, Ordering::AcqRel);
+                for j in jobs {
+                    for (q, next) in &j.visible {
+                        q.visible.fetch_max(*next, Ordering::AcqRel);
+                        shared.notify(q, *next);
+                    }
+                    for (reply, r) in j.replies {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            Err(e) => {
+                // fsyncgate: after a failed fsync the page cache may have dropped the dirty
+                // pages, so a retry could "succeed" without the data. Never acknowledge
+                // after it.
+                shared.fence(e.to_string());
+                let why = shared.fenced.lock().clone().unwrap_or_default();
+                for j in jobs {
+                    for (reply, r) in j.replies {
+                        let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
+                    }
+                }
+            }
+        }
+        expected = n
+            + shared.queued.load(Ordering::Acquire) as usize
+            + shared.awaiting_sync.load(Ordering::Acquire) as usize;
     }
 }
 
