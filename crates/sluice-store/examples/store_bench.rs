@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release -p sluice-store --example store_bench -- [--dir PATH] [--seconds N]
-//!     [--repeats N] [--recovery-mib N] [--quick]
+//!     [--repeats N] [--recovery-mib N] [--quick] [--fsync-delay-ms N]
+//!     [--flush sync|async] [--inflight N]   (only those runs, no reads/recovery: profiling)
 //! ```
 //!
 //! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
@@ -29,6 +30,9 @@ struct Args {
     /// Emulates a slower disk: every fdatasync of the store (and of the probe) is followed by
     /// this much sleep (needs `--features fault-injection`).
     fsync_delay_ms: u64,
+    /// Only this flush policy / in-flight count (for profiling).
+    only_flush: Option<String>,
+    only_inflight: Option<usize>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -39,6 +43,8 @@ fn parse_args() -> anyhow::Result<Args> {
         recovery_mib: 1024,
         quick: false,
         fsync_delay_ms: 0,
+        only_flush: None,
+        only_inflight: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -53,6 +59,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--recovery-mib" => a.recovery_mib = v()?.parse()?,
             "--quick" => a.quick = true,
             "--fsync-delay-ms" => a.fsync_delay_ms = v()?.parse()?,
+            "--flush" => a.only_flush = Some(v()?),
+            "--inflight" => a.only_inflight = Some(v()?.parse()?),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -174,13 +182,23 @@ fn append_run(
     let body = Bytes::from(vec![0xA5u8; 16 << 10]);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let t0 = Instant::now();
+    // A few shared histograms rather than one per appender: 4,096 private histograms
+    // (tens of KiB each) would make the load generator's own cache misses part of the figure.
+    let stripes: Arc<Vec<parking_lot::Mutex<hdrhistogram::Histogram<u64>>>> = Arc::new(
+        (0..16)
+            .map(|_| {
+                parking_lot::Mutex::new(hdrhistogram::Histogram::<u64>::new(3).expect("histogram"))
+            })
+            .collect(),
+    );
     let hists = rt.block_on(async {
         let mut tasks = Vec::new();
         for a in 0..appenders {
             let store = store.clone();
             let body = body.clone();
+            let stripes = stripes.clone();
             tasks.push(tokio::spawn(async move {
-                let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                let h = &stripes[a % stripes.len()];
                 let mut n = a as u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
@@ -188,15 +206,17 @@ fn append_run(
                         .append(vec![message(size, n, &body)])
                         .await
                         .expect("append");
-                    let _ = h.record(t.elapsed().as_micros() as u64);
+                    let _ = h.lock().record(t.elapsed().as_micros() as u64);
                     n += appenders as u64;
                 }
-                h
             }));
         }
-        let mut all = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
         for t in tasks {
-            let _ = all.add(t.await.expect("task"));
+            t.await.expect("task");
+        }
+        let mut all = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        for h in stripes.iter() {
+            let _ = all.add(&*h.lock());
         }
         all
     });
@@ -272,6 +292,9 @@ fn main() -> anyhow::Result<()> {
         if args.fsync_delay_ms > 0 && flush != FlushPolicy::Sync {
             continue;
         }
+        if args.only_flush.as_deref().is_some_and(|f| f != flush_name) {
+            continue;
+        }
         let inflight: &[usize] = if flush == FlushPolicy::Sync {
             &[1, 16, 256, 4096]
         } else {
@@ -279,6 +302,9 @@ fn main() -> anyhow::Result<()> {
         };
         for &size in sizes {
             for &n in inflight {
+                if args.only_inflight.is_some_and(|i| i != n) {
+                    continue;
+                }
                 let mut runs = Vec::new();
                 for r in 0..args.repeats {
                     let dir = fresh(&args.dir, &format!("run-{flush_name}-{size}-{n}-{r}"))?;
@@ -321,6 +347,9 @@ fn main() -> anyhow::Result<()> {
                 std::io::stdout().flush()?;
             }
         }
+    }
+    if args.only_flush.is_some() || args.only_inflight.is_some() {
+        return Ok(());
     }
     // Reads and recovery over one larger log.
     let dir = fresh(&args.dir, "recovery")?;
