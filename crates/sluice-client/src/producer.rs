@@ -20,9 +20,18 @@ pub struct ProducerBuilder {
     topics: Vec<String>,
     retry_policy: RetryPolicy,
     checker: Option<Arc<TransactionChecker>>,
+    attempts_cap: Option<u32>,
 }
 
 impl ProducerBuilder {
+    /// Caps the attempts of every send at `n` (at least 1), whatever the server's retry
+    /// policy says. With 1 a send is never re-sent by the SDK, so the caller learns the
+    /// outcome of each attempt (a status error then means the message was not stored).
+    pub fn max_send_attempts(mut self, n: u32) -> Self {
+        self.attempts_cap = Some(n.max(1));
+        self
+    }
+
     /// Topics to look up at start (others are looked up on first send).
     pub fn topics<S: Into<String>>(mut self, topics: impl IntoIterator<Item = S>) -> Self {
         self.topics.extend(topics.into_iter().map(Into::into));
@@ -71,6 +80,7 @@ impl ProducerBuilder {
             core,
             next_queue: AtomicUsize::new(crate::ids::random_u64() as usize),
             retry_policy: self.retry_policy,
+            attempts_cap: self.attempts_cap,
         };
         for t in &self.topics {
             match producer.core.refresh_route(t).await {
@@ -103,6 +113,7 @@ pub struct Producer {
     core: Arc<Core>,
     next_queue: AtomicUsize,
     retry_policy: RetryPolicy,
+    attempts_cap: Option<u32>,
 }
 
 impl Producer {
@@ -112,6 +123,7 @@ impl Producer {
             topics: Vec::new(),
             retry_policy: RetryPolicy::default(),
             checker: None,
+            attempts_cap: None,
         }
     }
 
@@ -195,7 +207,10 @@ impl Producer {
         let max_attempts = if transactional {
             1
         } else {
-            policy.max_attempts.max(1)
+            policy
+                .max_attempts
+                .min(self.attempts_cap.unwrap_or(u32::MAX))
+                .max(1)
         };
         self.core.add_publishing_topic(&topic);
         let ns = self.core.namespace().to_owned();
