@@ -31,6 +31,8 @@ struct Args {
     flush: Option<String>,
     /// Only this run: `one`, `many`, `batched`, `paced`, `receive` (for profiling).
     only: Option<String>,
+    /// HTTP/2 connections the load generator spreads its requests over.
+    connections: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -39,6 +41,7 @@ fn args() -> anyhow::Result<Args> {
         dir: "target/grpc-bench".into(),
         flush: None,
         only: None,
+        connections: 4,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -50,6 +53,7 @@ fn args() -> anyhow::Result<Args> {
             "--dir" => a.dir = v.into(),
             "--flush" => a.flush = Some(v),
             "--only" => a.only = Some(v),
+            "--connections" => a.connections = v.parse::<usize>()?.max(1),
             _ => anyhow::bail!("unknown argument {k}"),
         }
     }
@@ -368,7 +372,7 @@ async fn main() -> anyhow::Result<()> {
             },
         ));
         let mut clients = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..a.connections {
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
                 .tcp_nodelay(true)
                 .connect()
