@@ -33,6 +33,8 @@ struct Args {
     only: Option<String>,
     /// HTTP/2 connections the load generator spreads its requests over.
     connections: usize,
+    /// Paced run at this rate instead of half the measured maximum.
+    rate: Option<f64>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -42,6 +44,7 @@ fn args() -> anyhow::Result<Args> {
         flush: None,
         only: None,
         connections: 4,
+        rate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -53,6 +56,7 @@ fn args() -> anyhow::Result<Args> {
             "--dir" => a.dir = v.into(),
             "--flush" => a.flush = Some(v),
             "--only" => a.only = Some(v),
+            "--rate" => a.rate = Some(v.parse()?),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
             _ => anyhow::bail!("unknown argument {k}"),
         }
@@ -405,7 +409,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         if want("paced") {
-            let half = many.msgs_per_s / 2.0;
+            let half = a.rate.unwrap_or(many.msgs_per_s / 2.0);
             let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
             println!(
                 "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time |",
