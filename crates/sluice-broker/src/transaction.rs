@@ -85,6 +85,11 @@ use sluice_common::Clock;
 use sluice_store::{AppendMessage, ReadStatus, Store, StoredMessage};
 use tokio::sync::broadcast;
 
+/// Most checks one run publishes; the broker runs checks every half interval (at most every
+/// second), so a backlog drains at this many per run. Proxies give each producer's
+/// Telemetry stream room for more than this.
+pub const MAX_CHECKS_PER_RUN: usize = 256;
+
 use crate::broker::{Broker, BrokerConfig, random_seed, splitmix, to_message};
 use crate::error::BrokerError;
 use crate::messaging::Message;
@@ -707,7 +712,8 @@ impl Transactions {
         Ok((op, gone))
     }
 
-    /// Publishes checks for transactions left pending for a check interval and applies
+    /// Publishes checks (at most [`MAX_CHECKS_PER_RUN`]) for transactions left pending for
+    /// a check interval and applies
     /// the default resolution to those checked the maximum number of times. Returns the
     /// number of checks published.
     pub(crate) async fn check_due(&self) -> Result<usize, BrokerError> {
@@ -729,6 +735,10 @@ impl Transactions {
                 }
                 if p.checks >= self.cfg.max_checks {
                     to_default.push(p.clone());
+                } else if to_check.len() >= MAX_CHECKS_PER_RUN {
+                    // Paced: the rest are due at the next run (and do not count yet), so a
+                    // burst never overflows the producers' telemetry streams.
+                    continue;
                 } else {
                     p.checks += 1;
                     p.last_check_at = now;

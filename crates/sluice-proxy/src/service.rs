@@ -93,6 +93,9 @@ macro_rules! require_client {
     };
 }
 
+/// Commands queued per Telemetry stream.
+const TELEMETRY_QUEUE: usize = 2 * sluice_broker::transaction::MAX_CHECKS_PER_RUN;
+
 impl<M: Messaging> Service<M> {
     fn group_settings(&self, g: &GroupConfig) -> v2::RetryPolicy {
         v2::RetryPolicy {
@@ -673,7 +676,9 @@ impl<M: Messaging> MessagingService for Service<M> {
     ) -> Result<Response<Self::TelemetryStream>, Status> {
         let c = ctx(&req);
         let client = c.client_id.clone().unwrap_or_default();
-        let (tx, rx) = mpsc::channel(16);
+        // Room for a full run of transaction checks (sluice_broker::MAX_CHECKS_PER_RUN)
+        // plus settings replies: a check that does not fit is dropped, not waited for.
+        let (tx, rx) = mpsc::channel(TELEMETRY_QUEUE);
         let sid = self.clients.set_telemetry(&client, tx.clone());
         let mut inbound = req.into_inner();
         let clients = self.clients.clone();

@@ -105,8 +105,14 @@ impl<M: Messaging> Service<M> {
             ),
         };
         // Never wait on a slow client: a check that does not fit is repeated later.
-        if tx.try_send(Ok(cmd)).is_err() {
-            tracing::debug!(txid = %check.transaction_id, "telemetry stream full or closed; check dropped");
+        match tx.try_send(Ok(cmd)) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(txid = %check.transaction_id, "telemetry stream full (the producer is not reading); check dropped, asked again later");
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!(txid = %check.transaction_id, "telemetry stream closed; check dropped, asked again later");
+            }
         }
     }
 

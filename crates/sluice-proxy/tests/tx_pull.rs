@@ -167,12 +167,14 @@ async fn end(
     r.status.ok_or_else(|| anyhow::anyhow!("no status"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow::Result<()> {
-    let s = start().await?;
-    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
-
-    // The producer opens its Telemetry stream and announces the topic it publishes to.
+/// Opens the producer's Telemetry stream, announces the topic it publishes to and reads
+/// the settings echo. Keep the sender: dropping it ends the stream.
+async fn open_telemetry(
+    c: &mut MessagingServiceClient<Channel>,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<v2::TelemetryCommand>,
+    tonic::Streaming<v2::TelemetryCommand>,
+)> {
     let (out, rx) = tokio::sync::mpsc::channel(4);
     out.send(v2::TelemetryCommand {
         status: None,
@@ -201,6 +203,48 @@ async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow
         echo.command,
         Some(telemetry_command::Command::Settings(_))
     ));
+
+    Ok((out, telemetry))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_checks_reaches_the_producer_paced_and_complete() -> anyhow::Result<()> {
+    let s = start().await?;
+    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
+    let (_out, mut telemetry) = open_telemetry(&mut c).await?;
+    let n = sluice_broker::transaction::MAX_CHECKS_PER_RUN + 44;
+    let mut open = std::collections::HashSet::new();
+    for i in 0..n {
+        open.insert(send_tx(&mut c, &format!("01AABBCCDDEEFF0002{i:08}")).await?);
+    }
+    s.clock.advance(30_000);
+    // More checks are due than one run publishes: the rest follow in the next run, and
+    // every one of them reaches the producer's stream (none dropped on a full queue).
+    let first = s.broker.check_transactions().await?;
+    assert_eq!(first, sluice_broker::transaction::MAX_CHECKS_PER_RUN);
+    let second = s.broker.check_transactions().await?;
+    assert_eq!(first + second, n);
+    let mut asked = std::collections::HashSet::new();
+    while asked.len() < n {
+        let cmd = tokio::time::timeout(Duration::from_secs(10), telemetry.message())
+            .await??
+            .expect("a telemetry command");
+        if let Some(telemetry_command::Command::RecoverOrphanedTransactionCommand(rec)) =
+            cmd.command
+        {
+            asked.insert(rec.transaction_id);
+        }
+    }
+    assert_eq!(asked, open);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow::Result<()> {
+    let s = start().await?;
+    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
+
+    let (_out, mut telemetry) = open_telemetry(&mut c).await?;
 
     let id = "01AABBCCDDEEFF000100000001";
     let txid = send_tx(&mut c, id).await?;
