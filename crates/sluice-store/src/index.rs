@@ -101,6 +101,21 @@ pub(crate) struct Index {
     max_entries: u32,
     sealed: RwLock<Vec<Sealed>>,
     active: Mutex<Active>,
+    /// Held while an index file is written out. Lock order: `active` before `io`, and
+    /// `persist` never waits for `active` while holding `io`.
+    io: Mutex<()>,
+}
+
+/// What `persist` writes, copied under the `active` lock and written without it.
+struct Image {
+    seq: u64,
+    file: Arc<dyn VFile>,
+    first_entry: usize,
+    entry_count: usize,
+    entries: Vec<u8>,
+    slots: Vec<u8>,
+    header: [u8; HEADER as usize],
+    end_offset: u64,
 }
 
 fn read_header(f: &dyn VFile) -> io::Result<[u8; HEADER as usize]> {
@@ -209,6 +224,7 @@ impl Index {
                 max_entries,
                 sealed: RwLock::new(sealed),
                 active: Mutex::new(active),
+                io: Mutex::new(()),
             },
             from,
         ))
@@ -280,24 +296,21 @@ impl Index {
         Ok(())
     }
 
-    fn write_out(&self, a: &mut Active) -> io::Result<()> {
-        let sc = self.slot_count as u64;
-        let mut buf = Vec::with_capacity((a.entries.len() - a.persisted_entries) * ENTRY as usize);
+    /// Copies what is not yet persisted of the active file, with the slots and header that
+    /// describe it.
+    fn image(&self, a: &Active) -> Image {
+        let mut entries =
+            Vec::with_capacity((a.entries.len() - a.persisted_entries) * ENTRY as usize);
         for e in &a.entries[a.persisted_entries..] {
-            buf.extend_from_slice(&e.hash.to_le_bytes());
-            buf.extend_from_slice(&e.offset.to_le_bytes());
-            buf.extend_from_slice(&e.ts.to_le_bytes());
-            buf.extend_from_slice(&e.prev.to_le_bytes());
+            entries.extend_from_slice(&e.hash.to_le_bytes());
+            entries.extend_from_slice(&e.offset.to_le_bytes());
+            entries.extend_from_slice(&e.ts.to_le_bytes());
+            entries.extend_from_slice(&e.prev.to_le_bytes());
         }
-        a.file
-            .write_all_at(&buf, HEADER + sc * 4 + a.persisted_entries as u64 * ENTRY)?;
         let mut slots = Vec::with_capacity(a.slots.len() * 4);
         for s in &a.slots {
             slots.extend_from_slice(&s.to_le_bytes());
         }
-        a.file.write_all_at(&slots, HEADER)?;
-        // Entries and slots must be durable before the header that counts them.
-        a.file.sync_data()?;
         let mut h = [0u8; HEADER as usize];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[4..8].copy_from_slice(&1u32.to_le_bytes());
@@ -307,10 +320,38 @@ impl Index {
         h[24..32].copy_from_slice(&a.begin_ts.to_le_bytes());
         h[32..40].copy_from_slice(&a.end_ts.to_le_bytes());
         h[40..48].copy_from_slice(&a.end_offset.to_le_bytes());
-        a.file.write_all_at(&h, 0)?;
+        Image {
+            seq: a.seq,
+            file: a.file.clone(),
+            first_entry: a.persisted_entries,
+            entry_count: a.entries.len(),
+            entries,
+            slots,
+            header: h,
+            end_offset: a.end_offset,
+        }
+    }
+
+    fn write_image(&self, img: &Image) -> io::Result<()> {
+        let sc = self.slot_count as u64;
+        img.file.write_all_at(
+            &img.entries,
+            HEADER + sc * 4 + img.first_entry as u64 * ENTRY,
+        )?;
+        img.file.write_all_at(&img.slots, HEADER)?;
+        // Entries and slots must be durable before the header that counts them.
+        img.file.sync_data()?;
+        img.file.write_all_at(&img.header, 0)?;
         // The header is what recovery trusts; make it durable before the checkpoint.
-        a.file.sync_data()?;
-        a.persisted_entries = a.entries.len();
+        img.file.sync_data()
+    }
+
+    /// Writes the whole active file out (sealing; the caller holds `active`).
+    fn write_out(&self, a: &mut Active) -> io::Result<()> {
+        let img = self.image(a);
+        let _io = self.io.lock();
+        self.write_image(&img)?;
+        a.persisted_entries = img.entry_count;
         a.dirty = false;
         Ok(())
     }
@@ -331,12 +372,38 @@ impl Index {
 
     /// Persists the active file (checkpoint). Returns the offset up to which the index is
     /// durable.
+    ///
+    /// The appends of the writer are not held up by the file writes and fdatasyncs: what
+    /// is to be written is copied under the lock, written without it, and only then
+    /// counted as persisted (if the file was sealed meanwhile, the seal wrote it whole,
+    /// after this write, as it waits for `io`).
     pub fn persist(&self) -> io::Result<u64> {
+        let img = {
+            let mut a = self.active.lock();
+            if !a.dirty {
+                return Ok(a.end_offset);
+            }
+            // Entries added from here on mark the file dirty again.
+            a.dirty = false;
+            self.image(&a)
+        };
+        let written = {
+            let _io = self.io.lock();
+            self.write_image(&img)
+        };
         let mut a = self.active.lock();
-        if a.dirty {
-            self.write_out(&mut a)?;
+        match written {
+            Ok(()) => {
+                if a.seq == img.seq {
+                    a.persisted_entries = a.persisted_entries.max(img.entry_count);
+                }
+                Ok(img.end_offset)
+            }
+            Err(e) => {
+                a.dirty = true;
+                Err(e)
+            }
         }
-        Ok(a.end_offset)
     }
 
     /// Candidate commit-log offsets for `hash` with store time in `[begin, end]`, newest first.
