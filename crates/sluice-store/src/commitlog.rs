@@ -5,10 +5,22 @@
 //! the next record would make it exceed `segment_size`, so a record never spans two files.
 //!
 //! Write (writer thread only): records are encoded into one buffer per group of appends and
-//! written with one `pwrite`. Sync: the flusher thread `fdatasync`s segments in order, oldest
-//! first, so a later segment is never more durable than an earlier one. Read: any thread, by
-//! `pread` of the exact byte range. Recover: see [`CommitLog::recover`]. Delete: whole
-//! segments, oldest first, never the active one.
+//! written with one `pwrite`. Sync: segments are `fdatasync`ed in order, oldest first, so a
+//! later segment is never more durable than an earlier one. Read: any thread, by `pread` of
+//! the exact byte range. Recover: see [`CommitLog::recover`]. Delete: whole segments,
+//! oldest first, never the active one.
+//!
+//! Preallocation. A new segment file gets its full size reserved at once (`fallocate`), so
+//! appends overwrite reserved blocks instead of growing the file: a write then never waits
+//! for the file system to allocate blocks (on ext4 such writes stall for the whole journal
+//! commit of a concurrent fdatasync, tens of ms), and an fdatasync has no size change to
+//! commit. The reserved space reads as zeros, so the active segment is longer than its data:
+//! its data ends at the first record header that is all zeros (no valid record starts with
+//! eight zero bytes: the size field of a record is never zero). When the next segment is
+//! started the full one is cut to its data length, so sealed segments are exact; recovery
+//! also accepts a sealed segment whose cut was lost in a crash. After recovery the active
+//! segment is cut to the end of its data, dropping anything a torn write left in the
+//! reserved space, and reserved again.
 
 use std::io;
 use std::path::PathBuf;
@@ -42,7 +54,8 @@ pub(crate) struct CommitLog {
 pub struct ScanOutcome {
     /// End of the last valid record.
     pub valid_end: u64,
-    /// Bytes cut off after `valid_end`.
+    /// Bytes cut off after `valid_end` because a record there was invalid (for a
+    /// preallocated segment this includes its reserved, never-written space).
     pub dropped_bytes: u64,
     /// Where the cut happened and why, when one did.
     pub truncated_at: Option<(String, u64, String)>,
@@ -93,12 +106,34 @@ impl CommitLog {
     pub fn roll(&self, start: u64) -> io::Result<Arc<Segment>> {
         let path = join(&self.dir, &offset_name(start));
         let file = self.vfs.open(&path, true)?;
+        self.reserve(file.as_ref(), &path);
         // The new file's directory entry must be durable before records in it are
         // acknowledged; recovery finds segments by listing the directory.
         self.vfs.sync_dir(&self.dir)?;
         let seg = Arc::new(Segment { start, file, path });
         self.segments.write().push(seg.clone());
         Ok(seg)
+    }
+
+    /// Reserves the full segment size for `file` (see *Preallocation*). Failing to reserve
+    /// is not an error: the file then grows as it is written.
+    fn reserve(&self, file: &dyn VFile, path: &std::path::Path) {
+        match file.allocate(self.segment_size) {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(path = %path.display(), "file system cannot preallocate"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "preallocating a segment failed")
+            }
+        }
+    }
+
+    /// Cuts the full segment `seg` to its data, `end` (the writer, before it starts the
+    /// next segment).
+    pub fn seal(&self, seg: &Segment, end: u64) -> io::Result<()> {
+        if seg.file.len()? > end - seg.start {
+            seg.file.set_len(end - seg.start)?;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset`, which must lie within one segment.
@@ -164,6 +199,8 @@ impl CommitLog {
         };
         let mut pos = from.max(first.start);
         let mut cut: Option<(usize, u64, String)> = None;
+        // (segment index, end of its data) when the last segment's data ends before its file.
+        let mut tail: Option<(usize, u64)> = None;
         const CHUNK: usize = 8 << 20;
         let mut buf: Vec<u8> = Vec::new();
         'segments: for (i, seg) in segs.iter().enumerate() {
@@ -173,8 +210,15 @@ impl CommitLog {
                 .map_err(|e| StoreError::io("stat segment", &seg.path, e))?;
             let end = seg.start + len;
             let next_start = segs.get(i + 1).map(|s| s.start);
-            if end <= pos && next_start == Some(end) {
-                continue; // entirely before the starting point
+            if let Some(n) = next_start.filter(|&n| n <= pos && end >= n) {
+                // Entirely before the starting point. A sealed segment reaches the next one;
+                // one whose cut was lost in a crash reaches past it with reserved zeros,
+                // which nothing ever reads (offsets from `n` on live in the next segment).
+                if end > n {
+                    self.seal(seg, n)
+                        .map_err(|e| StoreError::io("cut segment", &seg.path, e))?;
+                }
+                continue;
             }
             if seg.start > pos {
                 cut = Some((
@@ -197,9 +241,15 @@ impl CommitLog {
             }
             let mut chunk_start = pos;
             buf.clear();
+            // Set when the data of this segment ends before its file does (preallocated).
+            let mut data_end: Option<u64> = None;
             while pos < end {
                 let at = (pos - chunk_start) as usize;
                 let avail = buf.len() - at;
+                if avail >= 8 && buf[at..at + 8] == [0u8; 8] {
+                    data_end = Some(pos);
+                    break;
+                }
                 let need = if avail >= 8 {
                     match record::peek_size(&buf[at..]) {
                         Ok(s) if s <= max_record => s,
@@ -220,6 +270,18 @@ impl CommitLog {
                     8
                 };
                 if pos + need as u64 > end {
+                    if avail < 8 {
+                        // Fewer than 8 bytes before the end of the file: zeros there are the
+                        // rest of the reserved space, anything else a torn header.
+                        let mut rest = vec![0u8; (end - pos) as usize];
+                        seg.file
+                            .read_exact_at(&mut rest, pos - seg.start)
+                            .map_err(|e| StoreError::io("read segment", &seg.path, e))?;
+                        if rest.iter().all(|b| *b == 0) {
+                            data_end = Some(pos);
+                            break;
+                        }
+                    }
                     cut = Some((
                         i,
                         pos,
@@ -252,18 +314,48 @@ impl CommitLog {
                     }
                 }
             }
+            let seg_end = data_end.unwrap_or(end);
             if let Some(n) = next_start {
-                if n != end {
+                if n != seg_end {
                     cut = Some((
                         i,
                         pos,
-                        format!("segment ends at {end} but the next starts at {n}"),
+                        format!("segment ends at {seg_end} but the next starts at {n}"),
                     ));
                     break;
                 }
+                if data_end.is_some() {
+                    // A sealed segment whose cut to its data length was lost in a crash.
+                    self.seal(seg, seg_end)
+                        .map_err(|e| StoreError::io("cut segment", &seg.path, e))?;
+                }
+            } else if data_end.is_some() {
+                tail = Some((i, seg_end));
             }
         }
         out.valid_end = pos;
+        // The reserved space after the data of the active segment: cut it (dropping whatever
+        // a torn write may have left there) and reserve it again. Not counted as dropped.
+        if let (None, Some((i, at))) = (&cut, tail) {
+            let seg = &segs[i];
+            if at < durable {
+                return Err(StoreError::Corrupt {
+                    file: seg.path.display().to_string(),
+                    offset: at,
+                    reason: format!(
+                        "the data ends at {at}, below the checkpointed durable offset {durable}"
+                    ),
+                });
+            }
+            seg.file
+                .set_len(at - seg.start)
+                .map_err(|e| StoreError::io("truncate segment", &seg.path, e))?;
+            // The cut must be durable before new records are written after it.
+            seg.file
+                .sync_data()
+                .map_err(|e| StoreError::io("sync segment", &seg.path, e))?;
+            self.reserve(seg.file.as_ref(), &seg.path);
+        }
         if let Some((i, at, reason)) = cut {
             let seg = &segs[i];
             if at < durable {
@@ -295,6 +387,8 @@ impl CommitLog {
                     s.file
                         .sync_data()
                         .map_err(|e| StoreError::io("sync segment", &s.path, e))?;
+                    // It is the active segment now: reserve its space again.
+                    self.reserve(s.file.as_ref(), &s.path);
                 }
             }
             let none_left = {

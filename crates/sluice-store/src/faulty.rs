@@ -4,6 +4,11 @@
 //! writes), slow fsyncs down, report little free space, and simulate power loss by cutting
 //! every file back to what was last synced (the LazyFS idea). Behaviour is switched through
 //! a shared [`Faults`] handle while the store runs.
+//!
+//! Power loss is modelled per file: bytes written since the file's last successful
+//! `sync_data` are undone (their previous contents, zeros in allocated space, are put
+//! back, in reverse order) and the file is cut to its length at that sync. Allocations
+//! and truncations count as durable at once (metadata).
 
 use std::collections::HashMap;
 use std::io;
@@ -15,6 +20,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::fs::{VFile, Vfs};
+
+/// Bytes at an offset before an un-synced write replaced them.
+type Overwritten = (u64, Vec<u8>);
 
 /// Switches shared by a [`FaultyFs`] and the test driving it.
 #[derive(Default)]
@@ -32,6 +40,8 @@ pub struct Faults {
     /// Number of `sync_data` calls that succeeded.
     pub syncs: AtomicU64,
     synced_len: Mutex<HashMap<PathBuf, u64>>,
+    /// Per file, what un-synced writes overwrote inside the synced length.
+    undo: Mutex<HashMap<PathBuf, Vec<Overwritten>>>,
 }
 
 impl Faults {
@@ -57,8 +67,12 @@ impl<F: Vfs> FaultyFs<F> {
     /// length it had at its last successful sync. Call it with the store closed or dropped.
     pub fn lose_unsynced(&self) -> io::Result<()> {
         let synced = self.faults.synced_len.lock().clone();
+        let mut undo = std::mem::take(&mut *self.faults.undo.lock());
         for (path, len) in synced {
             if let Ok(f) = self.inner.open(&path, false) {
+                for (offset, old) in undo.remove(&path).unwrap_or_default().iter().rev() {
+                    f.write_all_at(old, *offset)?;
+                }
                 if f.len()? > len {
                     f.set_len(len)?;
                 }
@@ -80,11 +94,17 @@ impl VFile for FaultyFile {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let torn = self.faults.torn_write_bytes.swap(0, Ordering::SeqCst) as usize;
-        if torn > 0 && torn < buf.len() {
-            self.inner.write_all_at(&buf[..torn], offset)?;
+        let n = if torn > 0 && torn < buf.len() {
+            torn
+        } else {
+            buf.len()
+        };
+        self.remember(offset, n)?;
+        self.inner.write_all_at(&buf[..n], offset)?;
+        if n < buf.len() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        self.inner.write_all_at(buf, offset)
+        Ok(())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.inner.read_at(buf, offset)
@@ -100,6 +120,7 @@ impl VFile for FaultyFile {
         self.inner.sync_data()?;
         let len = self.inner.len()?;
         self.faults.synced_len.lock().insert(self.path.clone(), len);
+        self.faults.undo.lock().remove(&self.path);
         self.faults.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -109,10 +130,59 @@ impl VFile for FaultyFile {
         let mut synced = self.faults.synced_len.lock();
         let e = synced.entry(self.path.clone()).or_insert(len);
         *e = (*e).min(len);
+        drop(synced);
+        if let Some(u) = self.faults.undo.lock().get_mut(&self.path) {
+            u.retain(|(o, _)| *o < len);
+        }
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+    fn allocate(&self, len: u64) -> io::Result<bool> {
+        let before = self.inner.len()?;
+        let done = self.inner.allocate(len)?;
+        // Metadata: durable at once in this model (the space reads as zeros).
+        let mut synced = self.faults.synced_len.lock();
+        let e = synced.entry(self.path.clone()).or_insert(before);
+        if *e == before {
+            *e = self.inner.len()?;
+        }
+        Ok(done)
+    }
+}
+
+impl FaultyFile {
+    /// Keeps what a write at `offset` of `n` bytes overwrites inside the synced length.
+    fn remember(&self, offset: u64, n: usize) -> io::Result<()> {
+        let synced = self
+            .faults
+            .synced_len
+            .lock()
+            .get(&self.path)
+            .copied()
+            .unwrap_or(0);
+        if offset >= synced || n == 0 {
+            return Ok(());
+        }
+        let end = (offset + n as u64).min(synced);
+        let mut old = vec![0u8; (end - offset) as usize];
+        let mut got = 0;
+        while got < old.len() {
+            let r = self.inner.read_at(&mut old[got..], offset + got as u64)?;
+            if r == 0 {
+                break; // past the real end: nothing there to put back
+            }
+            got += r;
+        }
+        old.truncate(got);
+        self.faults
+            .undo
+            .lock()
+            .entry(self.path.clone())
+            .or_default()
+            .push((offset, old));
+        Ok(())
     }
 }
 
@@ -133,6 +203,7 @@ impl<F: Vfs> Vfs for FaultyFs<F> {
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.faults.synced_len.lock().remove(path);
+        self.faults.undo.lock().remove(path);
         self.inner.remove_file(path)
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -153,6 +224,11 @@ impl<F: Vfs> Vfs for FaultyFs<F> {
             synced.insert(to.to_path_buf(), len);
         }
         drop(synced);
+        let mut undo = self.faults.undo.lock();
+        if let Some(u) = undo.remove(from) {
+            undo.insert(to.to_path_buf(), u);
+        }
+        drop(undo);
         self.inner.rename(from, to)
     }
     fn exists(&self, path: &Path) -> bool {

@@ -22,6 +22,10 @@ pub trait VFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// Reserves disk blocks for the file up to `len` bytes (the file's size becomes at
+    /// least `len`; the new bytes read as zeros). Returns `Ok(false)` where the file system
+    /// cannot do it, so the file simply grows as it is written.
+    fn allocate(&self, len: u64) -> io::Result<bool>;
 
     /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -74,6 +78,21 @@ impl VFile for StdFile {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+    fn allocate(&self, len: u64) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "allocation too large"))?;
+        // SAFETY: fallocate on a descriptor this struct owns; no memory is passed.
+        let r = unsafe { libc::fallocate(self.0.as_raw_fd(), 0, 0, len) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+            _ => Err(e),
+        }
     }
 }
 

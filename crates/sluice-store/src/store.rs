@@ -1269,6 +1269,10 @@ impl Writer {
                         .write_all_at(&self.buf, buf_start - seg.start)
                         .map_err(|e| StoreError::io("write segment", &seg.path, e))?;
                     self.buf.clear();
+                    self.shared
+                        .clog
+                        .seal(&seg, self.pos)
+                        .map_err(|e| StoreError::io("cut segment", &seg.path, e))?;
                     seg =
                         self.shared.clog.roll(self.pos).map_err(|e| {
                             StoreError::io("roll segment", &self.shared.clog.dir, e)

@@ -493,18 +493,27 @@ fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn torn_tail_is_cut_and_reported() {
     let (dir, c) = fixture();
+    let end = Store::open(c.clone()).expect("open").stats().written_offset;
     let last = segments(dir.path()).pop().expect("segment");
+    let start: u64 = last
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("segment name");
     let len = std::fs::metadata(&last).expect("meta").len();
-    // Garbage after the last record, as a torn write would leave.
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
+    // Garbage right after the last record (in the segment's reserved space), as a torn
+    // write would leave.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
         .open(&last)
         .expect("open");
-    std::io::Write::write_all(&mut f, &[0xAB; 300]).expect("write");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xAB; 300], end - start).expect("write");
     drop(f);
     let s = Store::open(c.clone()).expect("reopen");
     let r = s.recovery_report();
-    assert_eq!(r.dropped_bytes, 300);
+    assert_eq!(r.valid_end, end);
+    // The garbage and, in a preallocated segment, the reserved space after it.
+    assert!(r.dropped_bytes >= 300, "{r:?}");
     let (file, off, _) = r.truncated_at.clone().expect("cut");
     assert!(file.ends_with(&*last.file_name().expect("name").to_string_lossy()));
     assert_eq!(std::fs::metadata(&last).expect("meta").len(), len);
@@ -556,6 +565,45 @@ fn flipped_bit_in_acknowledged_data_is_an_error_not_a_silent_cut() {
         other => panic!("unexpected {other}"),
     }
     assert_eq!(std::fs::read(&first).expect("read"), b, "nothing changed");
+}
+
+#[test]
+fn preallocated_space_is_not_data_and_a_lost_seal_is_repaired() {
+    for rebuild in [false, true] {
+        let (dir, c) = fixture();
+        let segs = segments(dir.path());
+        assert!(segs.len() >= 3);
+        // The active segment is preallocated: longer than its data, which ends in zeros.
+        let last = segs.last().expect("last");
+        assert_eq!(std::fs::metadata(last).expect("meta").len(), c.segment_size);
+        // A crash lost the cut of a full segment: it reaches past the next one in zeros.
+        let exact = std::fs::metadata(&segs[1]).expect("meta").len();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segs[1])
+            .expect("open");
+        f.set_len(c.segment_size).expect("extend");
+        drop(f);
+        if rebuild {
+            // Without a checkpoint recovery scans every segment from the start.
+            std::fs::remove_file(dir.path().join("checkpoint")).expect("rm checkpoint");
+        }
+        let s = Store::open(c.clone()).expect("reopen");
+        let r = s.recovery_report();
+        assert_eq!(r.dropped_bytes, 0, "rebuild={rebuild}: {r:?}");
+        assert!(r.truncated_at.is_none(), "{r:?}");
+        assert_eq!(read_all(&s, "f", 0).len(), 100);
+        assert_eq!(
+            std::fs::metadata(&segs[1]).expect("meta").len(),
+            exact,
+            "the lost cut is made again"
+        );
+        // Appends continue where the data ended.
+        s.append_blocking(vec![msg("f", 0, 100)]).expect("append");
+        drop(s);
+        let s = Store::open(c).expect("reopen again");
+        assert_eq!(read_all(&s, "f", 0).len(), 101);
+    }
 }
 
 #[test]
