@@ -23,13 +23,13 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rocketmq::conf::{ProducerOption, SimpleConsumerOption};
+use rocketmq::conf::ProducerOption;
 use rocketmq::model::common::{FilterExpression, FilterType};
 use rocketmq::model::message::MessageBuilder;
-use rocketmq::{Producer, SimpleConsumer};
+use rocketmq::Producer;
 use serde_json::{json, Value};
 
-use crate::{client_option, err_text, Args, LANG};
+use crate::{client_option, err_text, start_consumer, Args, LANG};
 
 /// Wall clock, milliseconds since the epoch, with microseconds (same clock as the Python
 /// and Node.js consumers).
@@ -72,25 +72,18 @@ pub async fn consume(args: &Args) -> (Value, bool) {
 
     let mut errors: Vec<String> = Vec::new();
     let mut deliveries: Vec<Value> = Vec::new();
-    let mut copt_c = SimpleConsumerOption::default();
-    copt_c.set_topics(vec![topic.clone()]);
-    copt_c.set_consumer_group(group.clone());
-    let copt = client_option(&endpoint, args.num("request-timeout", 5), long_polling);
-    let mut consumer = match SimpleConsumer::new(copt_c, copt) {
+    let consumer = match start_consumer(
+        &endpoint,
+        &topic,
+        &group,
+        args.num("request-timeout", 5),
+        long_polling,
+    )
+    .await
+    {
         Ok(c) => c,
-        Err(e) => {
-            return (
-                json!({"client": LANG, "ok": false, "errors": [format!("SimpleConsumer::new: {}", err_text(&e))]}),
-                false,
-            )
-        }
+        Err(e) => return (json!({"client": LANG, "ok": false, "errors": [e]}), false),
     };
-    if let Err(e) = consumer.start().await {
-        return (
-            json!({"client": LANG, "ok": false, "errors": [format!("consumer start: {}", err_text(&e))]}),
-            false,
-        );
-    }
     append_event(
         &events,
         &json!({"event": "ready", "consumer": name, "lang": LANG}),

@@ -148,6 +148,27 @@ fn message_spec(run_id: &str, index: usize, tag: &str) -> Value {
     })
 }
 
+/// Creates and starts a SimpleConsumer of `group` for `topic`; the error is the text to report.
+async fn start_consumer(
+    endpoint: &str,
+    topic: &str,
+    group: &str,
+    request_timeout: u64,
+    long_polling: Option<u64>,
+) -> Result<SimpleConsumer, String> {
+    let mut copt_c = SimpleConsumerOption::default();
+    copt_c.set_topics(vec![topic.to_string()]);
+    copt_c.set_consumer_group(group.to_string());
+    let copt = client_option(endpoint, request_timeout, long_polling);
+    let mut consumer = SimpleConsumer::new(copt_c, copt)
+        .map_err(|e| format!("SimpleConsumer::new: {}", err_text(&e)))?;
+    consumer
+        .start()
+        .await
+        .map_err(|e| format!("consumer start: {}", err_text(&e)))?;
+    Ok(consumer)
+}
+
 fn client_option(endpoint: &str, request_timeout: u64, long_polling: Option<u64>) -> ClientOption {
     let mut o = ClientOption::default();
     o.set_access_url(endpoint);
@@ -363,25 +384,18 @@ async fn receive(args: &Args) -> (Value, bool) {
     let mut unexpected: Vec<Value> = Vec::new();
     let mut duplicates: Vec<String> = Vec::new();
 
-    let mut copt_c = SimpleConsumerOption::default();
-    copt_c.set_topics(vec![topic.clone()]);
-    copt_c.set_consumer_group(group.clone());
-    let copt = client_option(&endpoint, args.num("request-timeout", 5), long_polling);
-    let mut consumer = match SimpleConsumer::new(copt_c, copt) {
+    let consumer = match start_consumer(
+        &endpoint,
+        &topic,
+        &group,
+        args.num("request-timeout", 5),
+        long_polling,
+    )
+    .await
+    {
         Ok(c) => c,
-        Err(e) => {
-            return (
-                json!({"client": LANG, "ok": false, "errors": [format!("SimpleConsumer::new: {}", err_text(&e))]}),
-                false,
-            )
-        }
+        Err(e) => return (json!({"client": LANG, "ok": false, "errors": [e]}), false),
     };
-    if let Err(e) = consumer.start().await {
-        return (
-            json!({"client": LANG, "ok": false, "errors": [format!("consumer start: {}", err_text(&e))]}),
-            false,
-        );
-    }
     let expr = FilterExpression::new(FilterType::Tag, filter);
     let deadline = Instant::now() + wait;
     while seen.len() < expect_count && Instant::now() < deadline {
