@@ -12,9 +12,8 @@
 //!
 //! Preallocation. A new segment file gets its full size reserved at once (`fallocate`), so
 //! appends overwrite reserved blocks instead of growing the file: a write then never waits
-//! for the file system to allocate blocks (on ext4 such writes stall for the whole journal
-//! commit of a concurrent fdatasync, tens of ms), and an fdatasync has no size change to
-//! commit. The reserved space reads as zeros, so the active segment is longer than its data:
+//! for the file system to allocate blocks (on ext4 such a write can wait for the journal
+//! commit of a concurrent fdatasync), and an fdatasync has no size change to commit. The reserved space reads as zeros, so the active segment is longer than its data:
 //! its data ends at the first record header that is all zeros (no valid record starts with
 //! eight zero bytes: the size field of a record is never zero). When the next segment is
 //! started the full one is cut to its data length, so sealed segments are exact; recovery
