@@ -191,15 +191,29 @@ struct PopSnapshot {
     table: Vec<(QueueKey, crate::pop::QueuePop)>,
 }
 
-/// The broker. Share it behind an `Arc`.
-/// Whether consumption state of `k` belongs to a group and topic that exist. State of a
-/// deleted group or topic is dropped from memory and from the snapshots at once (see
-/// `delete_group`); this filter covers a crash between the delete and that snapshot, so a
-/// group created again under the same name starts fresh.
-fn live(meta: &Metadata, k: &QueueKey) -> bool {
-    meta.group(&k.group).is_some() && meta.topic(&k.topic).is_some()
+/// Names of the groups and topics that exist, for filtering replayed consumption state.
+/// State of a deleted group or topic is dropped from memory and from the snapshots at once
+/// (see `delete_group`); this filter covers a crash between the delete and that snapshot,
+/// so a group created again under the same name starts fresh.
+struct Live {
+    groups: std::collections::HashSet<String>,
+    topics: std::collections::HashSet<String>,
 }
 
+impl Live {
+    fn new(meta: &Metadata) -> Live {
+        Live {
+            groups: meta.groups().into_iter().map(|g| g.name).collect(),
+            topics: meta.topics().into_iter().map(|t| t.name).collect(),
+        }
+    }
+
+    fn contains(&self, k: &QueueKey) -> bool {
+        self.groups.contains(&k.group) && self.topics.contains(&k.topic)
+    }
+}
+
+/// The broker. Share it behind an `Arc`.
 pub struct Broker {
     store: Arc<Store>,
     meta: Metadata,
@@ -286,6 +300,7 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Broker>, BrokerError> {
         let meta = Metadata::open(config.data_dir.join("meta"))?;
+        let live = Live::new(&meta);
         let snap_path = config.data_dir.join("meta").join("pop-snapshot.json");
         // Snapshot entries of deleted groups or topics, dropped here.
         let mut dropped = 0usize;
@@ -296,8 +311,8 @@ impl Broker {
                 })?;
                 let mut t = PopTable::default();
                 for (k, q) in s.table {
-                    // A group or topic deleted just before a crash (see `live`).
-                    if live(&meta, &k) {
+                    // A group or topic deleted just before a crash (see `Live`).
+                    if live.contains(&k) {
                         t.insert(k, q);
                     } else {
                         dropped += 1;
@@ -326,7 +341,7 @@ impl Broker {
                 match serde_json::from_slice::<Vec<PopEvent>>(&m.body) {
                     Ok(events) => {
                         for e in &events {
-                            if live(&meta, e.key()) {
+                            if live.contains(e.key()) {
                                 table.apply(e);
                             }
                             replayed += 1;
@@ -348,7 +363,7 @@ impl Broker {
             }
         });
         let tx = crate::transaction::Transactions::open(&config, store.clone(), clock.clone())?;
-        let offsets = crate::offsets::Offsets::open(&config, store.clone(), |k| live(&meta, k))?;
+        let offsets = crate::offsets::Offsets::open(&config, store.clone(), |k| live.contains(k))?;
         let timer = Arc::new(crate::timer::Timer::open(
             config.data_dir.join("timer"),
             store.clone(),
@@ -463,7 +478,7 @@ impl Broker {
 
     /// After a delete, the snapshots stop carrying the deleted state, and the logs are
     /// replayed only from after it, so a group created again under the same name starts
-    /// fresh. If the process dies first, start-up drops the state anyway (see `live`).
+    /// fresh. If the process dies first, start-up drops the state anyway (see `Live`).
     fn snapshot_after_delete(&self) {
         if let Err(e) = self.snapshot_pop() {
             tracing::warn!(error = %e, "snapshot after a delete failed; start-up will filter");

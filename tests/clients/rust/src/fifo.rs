@@ -23,13 +23,11 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rocketmq::conf::ProducerOption;
 use rocketmq::model::common::{FilterExpression, FilterType};
 use rocketmq::model::message::MessageBuilder;
-use rocketmq::Producer;
 use serde_json::{json, Value};
 
-use crate::{client_option, err_text, start_consumer, Args, LANG};
+use crate::{err_text, start_consumer, start_producer, Args, LANG};
 
 /// Wall clock, milliseconds since the epoch, with microseconds (same clock as the Python
 /// and Node.js consumers).
@@ -167,24 +165,10 @@ pub async fn no_group(args: &Args) -> (Value, bool) {
     let mut errors: Vec<String> = Vec::new();
     let mut out = json!({"client": LANG, "topic": topic});
 
-    let mut popt = ProducerOption::default();
-    popt.set_topics(vec![topic.clone()]);
-    let copt = client_option(&endpoint, args.num("request-timeout", 5), None);
-    let mut producer = match Producer::new(popt, copt) {
+    let producer = match start_producer(&endpoint, &topic, args.num("request-timeout", 5)).await {
         Ok(p) => p,
-        Err(e) => {
-            return (
-                json!({"client": LANG, "ok": false, "errors": [format!("Producer::new: {}", err_text(&e))]}),
-                false,
-            )
-        }
+        Err(e) => return (json!({"client": LANG, "ok": false, "errors": [e]}), false),
     };
-    if let Err(e) = producer.start().await {
-        return (
-            json!({"client": LANG, "ok": false, "errors": [format!("producer start: {}", err_text(&e))]}),
-            false,
-        );
-    }
     let message = MessageBuilder::builder()
         .set_topic(topic.clone())
         .set_tag("fifo")

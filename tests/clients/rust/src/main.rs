@@ -148,6 +148,24 @@ fn message_spec(run_id: &str, index: usize, tag: &str) -> Value {
     })
 }
 
+/// Creates and starts a Producer for `topic`; the error is the text to report.
+async fn start_producer(
+    endpoint: &str,
+    topic: &str,
+    request_timeout: u64,
+) -> Result<Producer, String> {
+    let mut popt = ProducerOption::default();
+    popt.set_topics(vec![topic.to_string()]);
+    let copt = client_option(endpoint, request_timeout, None);
+    let mut producer =
+        Producer::new(popt, copt).map_err(|e| format!("Producer::new: {}", err_text(&e)))?;
+    producer
+        .start()
+        .await
+        .map_err(|e| format!("producer start: {}", err_text(&e)))?;
+    Ok(producer)
+}
+
 /// Creates and starts a SimpleConsumer of `group` for `topic`; the error is the text to report.
 async fn start_consumer(
     endpoint: &str,
@@ -189,24 +207,10 @@ async fn send(args: &Args) -> (Value, bool) {
     let mut errors: Vec<String> = Vec::new();
     let mut sent: Vec<Value> = Vec::new();
 
-    let mut popt = ProducerOption::default();
-    popt.set_topics(vec![topic.clone()]);
-    let copt = client_option(&endpoint, args.num("request-timeout", 5), None);
-    let mut producer = match Producer::new(popt, copt) {
+    let producer = match start_producer(&endpoint, &topic, args.num("request-timeout", 5)).await {
         Ok(p) => p,
-        Err(e) => {
-            return (
-                json!({"client": LANG, "ok": false, "errors": [format!("Producer::new: {}", err_text(&e))]}),
-                false,
-            )
-        }
+        Err(e) => return (json!({"client": LANG, "ok": false, "errors": [e]}), false),
     };
-    if let Err(e) = producer.start().await {
-        return (
-            json!({"client": LANG, "ok": false, "errors": [format!("producer start: {}", err_text(&e))]}),
-            false,
-        );
-    }
     for i in 0..count {
         let mut spec = message_spec(&run_id, i, &tag);
         let props: HashMap<String, String> = spec["properties"]
