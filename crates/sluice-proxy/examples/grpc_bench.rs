@@ -24,6 +24,11 @@ use sluice_proto::v2::{self, receive_message_response::Content};
 use sluice_store::{AppendMessage, FlushPolicy, Store, StoreConfig};
 use tonic::transport::Channel;
 
+/// The same allocator as the `sluice` binary: glibc's malloc showed up as ≈ 20% of the
+/// CPU of this benchmark (arena lock contention between the runtime workers).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     seconds: f64,
     dir: std::path::PathBuf,

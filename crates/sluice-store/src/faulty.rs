@@ -139,6 +139,10 @@ impl VFile for FaultyFile {
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Not durable in this model either: power loss still undoes these bytes.
+        self.inner.write_back(offset, len)
+    }
     fn allocate(&self, len: u64) -> io::Result<bool> {
         let before = self.inner.len()?;
         let done = self.inner.allocate(len)?;

@@ -26,6 +26,12 @@ pub trait VFile: Send + Sync {
     /// least `len`; the new bytes read as zeros). Returns `Ok(false)` where the file system
     /// cannot do it, so the file simply grows as it is written.
     fn allocate(&self, len: u64) -> io::Result<bool>;
+    /// Writes back the dirty pages of `[offset, offset + len)` and waits for them
+    /// (`sync_file_range`). Not a durability point: no metadata is committed and no disk
+    /// cache flushed. The default does nothing.
+    fn write_back(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -92,6 +98,28 @@ impl VFile for StdFile {
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
             _ => Err(e),
+        }
+    }
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: sync_file_range on a descriptor this struct owns; no memory is passed.
+        let r = unsafe { libc::sync_file_range(self.0.as_raw_fd(), off, n, flags) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 }

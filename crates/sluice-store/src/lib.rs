@@ -18,6 +18,7 @@ pub mod fs;
 pub mod index;
 pub mod record;
 mod store;
+mod zero_ahead;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -71,6 +72,10 @@ pub struct StoreConfig {
     /// starts an fdatasync with a smaller batch than the previous one (never longer than a
     /// quarter of the last fdatasync). Zero turns the wait off.
     pub group_commit_wait: Duration,
+    /// Sync only: bytes of the active segment kept zero-filled and written back in front of
+    /// the writer, so that appends overwrite ordinary blocks and an fdatasync commits no
+    /// extent change (see `zero_ahead.rs`). Zero turns it off.
+    pub zero_ahead: u64,
 }
 
 impl StoreConfig {
@@ -90,6 +95,7 @@ impl StoreConfig {
             checkpoint_interval: Duration::from_secs(1),
             max_batch_bytes: 4 << 20,
             group_commit_wait: Duration::from_millis(1),
+            zero_ahead: 8 << 20,
         }
     }
 
@@ -103,6 +109,7 @@ impl StoreConfig {
             index_entries: 4096,
             min_free_space: 0,
             checkpoint_interval: Duration::from_millis(100),
+            zero_ahead: 256 << 10,
             ..StoreConfig::new(data_dir)
         }
     }

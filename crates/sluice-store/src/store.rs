@@ -47,13 +47,14 @@ use sluice_common::{Clock, SystemClock, metrics, validate_resource_name};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::Checkpoint;
-use crate::commitlog::CommitLog;
+use crate::commitlog::{CommitLog, Segment};
 use crate::consume_queue::{ConsumeQueue, CqEntry, tag_hash};
 use crate::fs::{StdFs, Vfs};
 use crate::index::{Index, id_hash, key_hash};
 use crate::record::{
     self, AppendMessage, PROP_KEYS, PROP_MSG_ID, PROP_TAGS, Placement, StoredMessage,
 };
+use crate::zero_ahead::ZeroAhead;
 use crate::{FlushPolicy, StoreConfig, StoreError};
 
 /// Where an appended message was stored.
@@ -565,11 +566,21 @@ impl Store {
         } else {
             None
         };
+        let zero = (shared.config.flush == FlushPolicy::Sync && shared.config.zero_ahead > 0)
+            .then(|| ZeroAhead::new(shared.config.segment_size, shared.config.zero_ahead));
+        if let Some(z) = zero.clone() {
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sluice-store-zero".into())
+                    .spawn(move || z.run())
+                    .map_err(|e| StoreError::io("spawn zeroer", Path::new("."), e))?,
+            );
+        }
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("sluice-store-writer".into())
-                .spawn(move || Writer::new(s, ftx, syncer).run(rx))
+                .spawn(move || Writer::new(s, ftx, syncer, zero).run(rx))
                 .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
         );
         let s = shared.clone();
@@ -1099,6 +1110,8 @@ struct Writer {
     flush: mpsc::Sender<Kick>,
     /// Sync mode: where written batches go to be synced and completed.
     syncer: Option<mpsc::Sender<SyncJob>>,
+    /// Sync mode: the zero-filling helper working in front of the writer.
+    zero: Option<Arc<ZeroAhead>>,
     pos: u64,
     last_ts: i64,
     queues: Vec<WriterQueue>,
@@ -1114,12 +1127,17 @@ impl Writer {
         shared: Arc<Shared>,
         flush: mpsc::Sender<Kick>,
         syncer: Option<mpsc::Sender<SyncJob>>,
+        zero: Option<Arc<ZeroAhead>>,
     ) -> Writer {
         let pos = shared.written.load(Ordering::Acquire);
+        if let (Some(z), Some(seg)) = (&zero, shared.clog.last()) {
+            z.set_segment(seg, pos);
+        }
         Writer {
             shared,
             flush,
             syncer,
+            zero,
             pos,
             last_ts: 0,
             queues: Vec::new(),
@@ -1142,8 +1160,21 @@ impl Writer {
                 .fetch_sub(batch.len() as u64, Ordering::AcqRel);
             self.process(batch);
         }
+        if let Some(z) = &self.zero {
+            z.stop();
+        }
         // Dropping `self.syncer` lets the syncer finish the last batches; dropping
         // `self.flush` lets the flusher finish with a final sync and checkpoint.
+    }
+
+    /// Writes `buf` at commit-log offset `at` of `seg`.
+    fn write_at(&self, seg: &Segment, buf: &[u8], at: u64) -> Result<(), StoreError> {
+        if let Some(z) = &self.zero {
+            z.before_write(at, at + buf.len() as u64);
+        }
+        seg.file
+            .write_all_at(buf, at - seg.start)
+            .map_err(|e| StoreError::io("write segment", &seg.path, e))
     }
 
     /// Moves every request already queued into `batch`, up to `max` bytes.
@@ -1265,10 +1296,11 @@ impl Writer {
             for m in &req.msgs {
                 let size = m.encoded_len() as u64;
                 if self.pos - seg.start + size > cfg_seg && self.pos > seg.start {
-                    seg.file
-                        .write_all_at(&self.buf, buf_start - seg.start)
-                        .map_err(|e| StoreError::io("write segment", &seg.path, e))?;
+                    self.write_at(&seg, &self.buf, buf_start)?;
                     self.buf.clear();
+                    if let Some(z) = &self.zero {
+                        z.leave_segment();
+                    }
                     self.shared
                         .clog
                         .seal(&seg, self.pos)
@@ -1277,6 +1309,9 @@ impl Writer {
                         self.shared.clog.roll(self.pos).map_err(|e| {
                             StoreError::io("roll segment", &self.shared.clog.dir, e)
                         })?;
+                    if let Some(z) = &self.zero {
+                        z.set_segment(seg.clone(), self.pos);
+                    }
                     buf_start = self.pos;
                 }
                 let qi = self.queue_slot(&m.topic, m.queue_id)?;
@@ -1314,9 +1349,7 @@ impl Writer {
             results.push(Ok(res));
         }
         if !self.buf.is_empty() {
-            seg.file
-                .write_all_at(&self.buf, buf_start - seg.start)
-                .map_err(|e| StoreError::io("write segment", &seg.path, e))?;
+            self.write_at(&seg, &self.buf, buf_start)?;
         }
         let vfs = self.shared.vfs.clone();
         for &qi in &touched {

@@ -23,6 +23,12 @@ use sluice_admin::api::{
 use crate::admin::Admin;
 use crate::config::{Config, FlushMode, Overrides};
 
+/// mimalloc instead of glibc's malloc: the gRPC path allocates per request on every
+/// runtime worker, and glibc's arena locks and frees cost ≈ 20% of the CPU of
+/// unbatched sends (measured with `grpc_bench` under `perf`; docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8080";
 const DEFAULT_ENDPOINT: &str = "127.0.0.1:8081";
 
