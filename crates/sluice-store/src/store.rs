@@ -1,5 +1,11 @@
-//! The engine: writer thread (group commit), flusher thread (background durability,
+//! The engine: writer (group commit), flusher thread (background durability,
 //! checkpoints), recovery, reads, lookups and retention.
+//!
+//! In Sync mode appends go to a writer thread as drawn below. In Async mode nothing waits
+//! for a disk, so the appenders write themselves: whoever finds the writer free writes every
+//! queued request as one batch (flat combining, see [`Combiner`]); the drawing's writer
+//! column is then run by an appender, with a helper thread taking over what a combiner
+//! leaves queued.
 //!
 //! ```text
 //!  append() ──► channel ──► writer thread                  syncer thread (Sync only)
@@ -135,6 +141,7 @@ pub struct StoreStats {
 
 type Listener = Arc<dyn Fn(&str, u32, u64) + Send + Sync>;
 type Reply = oneshot::Sender<Result<Vec<AppendResult>, StoreError>>;
+type Reply_ = oneshot::Receiver<Result<Vec<AppendResult>, StoreError>>;
 
 struct Request {
     msgs: Vec<AppendMessage>,
@@ -380,7 +387,10 @@ impl Shared {
 /// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct Store {
     shared: Arc<Shared>,
+    /// Sync: requests go to the writer thread.
     tx: RwLock<Option<mpsc::Sender<Request>>>,
+    /// Async: appenders write themselves (see [`Combiner`]).
+    inline: Option<Arc<Combiner>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     recovery: RecoveryReport,
     _lock: Option<std::fs::File>,
@@ -577,12 +587,36 @@ impl Store {
             );
         }
         let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("sluice-store-writer".into())
-                .spawn(move || Writer::new(s, ftx, syncer, zero).run(rx))
-                .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
-        );
+        let (tx, inline) = if shared.config.flush == FlushPolicy::Sync {
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sluice-store-writer".into())
+                    .spawn(move || Writer::new(s, ftx, syncer, zero).run(rx))
+                    .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
+            );
+            (Some(tx), None)
+        } else {
+            let (ktx, krx) = mpsc::channel::<()>();
+            let c = Arc::new(Combiner {
+                queue: Mutex::new(Vec::new()),
+                writer: Mutex::new(Some(Writer::new(s, ftx, None, None))),
+                helper: Mutex::new(Some(ktx)),
+                helper_kicked: AtomicBool::new(false),
+            });
+            let h = c.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sluice-store-writer".into())
+                    .spawn(move || {
+                        while krx.recv().is_ok() {
+                            h.helper_kicked.store(false, Ordering::Release);
+                            h.combine(usize::MAX);
+                        }
+                    })
+                    .map_err(|e| StoreError::io("spawn writer", Path::new("."), e))?,
+            );
+            (None, Some(c))
+        };
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -592,7 +626,8 @@ impl Store {
         );
         Ok(Store {
             shared,
-            tx: RwLock::new(Some(tx)),
+            tx: RwLock::new(tx),
+            inline,
             threads: Mutex::new(threads),
             recovery: report,
             _lock: Some(lock),
@@ -736,6 +771,11 @@ impl Store {
         if let Some(e) = self.shared.fenced_error() {
             return Err(e);
         }
+        if let Some(c) = &self.inline {
+            let rx = self.enqueue(c, msgs)?;
+            c.combine(1);
+            return Ok(rx);
+        }
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.read();
         let tx = tx.as_ref().ok_or(StoreError::Closed)?;
@@ -744,6 +784,16 @@ impl Store {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(StoreError::Closed);
         }
+        Ok(rx)
+    }
+
+    /// Async: queues a request for the [`Combiner`].
+    fn enqueue(&self, c: &Combiner, msgs: Vec<AppendMessage>) -> Result<Reply_, StoreError> {
+        if let Some(e) = self.shared.fenced_error() {
+            return Err(e);
+        }
+        let (reply, rx) = oneshot::channel();
+        c.queue.lock().push(Request { msgs, reply });
         Ok(rx)
     }
 
@@ -1063,6 +1113,13 @@ impl Store {
     /// final checkpoint.
     pub fn close(&self) {
         self.tx.write().take();
+        if let Some(c) = &self.inline {
+            // Waits for a combiner at work; appends from now on are answered `Closed`.
+            // Dropping the writer lets the flusher finish with a final sync and checkpoint.
+            c.writer.lock().take();
+            c.helper.lock().take();
+            c.combine(usize::MAX);
+        }
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();
@@ -1094,6 +1151,85 @@ fn index_items(
 }
 
 /// Per-queue state owned by the writer thread.
+/// Async mode: appenders write themselves instead of handing requests to a thread
+/// (flat combining). An appender queues its request and, if the writer is free, takes it
+/// and writes everything queued (its own request and any that arrived meanwhile) as one
+/// batch; if the writer is busy, the holder writes its request. So a lone append costs no
+/// thread switch, and concurrent ones still share one `pwrite`. The writes go to the page
+/// cache (nothing waits for a disk here), which is why this runs on the caller's thread.
+///
+/// A combiner writes at most `rounds` batches and then leaves what is still queued to the
+/// helper thread, so an appender on a runtime worker never keeps writing for others
+/// indefinitely. Every exit re-checks the queue after releasing the writer: a request
+/// queued while the writer was held is either seen there or by the holder.
+struct Combiner {
+    queue: Mutex<Vec<Request>>,
+    /// None once the store is closed.
+    writer: Mutex<Option<Writer>>,
+    helper: Mutex<Option<mpsc::Sender<()>>>,
+    helper_kicked: AtomicBool,
+}
+
+impl Combiner {
+    fn combine(&self, rounds: usize) {
+        let mut done = 0;
+        loop {
+            let Some(mut w) = self.writer.try_lock() else {
+                return;
+            };
+            loop {
+                let batch = std::mem::take(&mut *self.queue.lock());
+                if batch.is_empty() {
+                    break;
+                }
+                match w.as_mut() {
+                    Some(w) => {
+                        let max = w.shared.config.max_batch_bytes;
+                        let mut part = Vec::new();
+                        let mut bytes = 0;
+                        for r in batch {
+                            bytes += request_bytes(&r);
+                            part.push(r);
+                            if bytes >= max {
+                                w.process(std::mem::take(&mut part));
+                                bytes = 0;
+                            }
+                        }
+                        if !part.is_empty() {
+                            w.process(part);
+                        }
+                    }
+                    None => {
+                        for r in batch {
+                            let _ = r.reply.send(Err(StoreError::Closed));
+                        }
+                    }
+                }
+                done += 1;
+                if done >= rounds {
+                    break;
+                }
+            }
+            drop(w);
+            if self.queue.lock().is_empty() {
+                return;
+            }
+            if done >= rounds {
+                // Hand the rest to the helper thread (once per wake-up of it).
+                if !self.helper_kicked.swap(true, Ordering::AcqRel) {
+                    match self.helper.lock().as_ref() {
+                        Some(k) if k.send(()).is_ok() => return,
+                        // Closed: finish here.
+                        _ => self.helper_kicked.store(false, Ordering::Release),
+                    }
+                } else {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 struct WriterQueue {
     cq: Arc<ConsumeQueue>,
     next: u64,
