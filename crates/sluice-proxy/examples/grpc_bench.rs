@@ -103,6 +103,20 @@ fn message(body: &Bytes) -> v2::Message {
 struct Result_ {
     msgs_per_s: f64,
     hist: Histogram<u64>,
+    /// Share of the 2 cores this process used during the run (server and load generator).
+    cpu_busy: f64,
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given; it is zero-initialised plain data.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Releases one permit per intended send, at `start + k / rate`, from a thread that
@@ -143,6 +157,7 @@ async fn send_load(
     rate: Option<f64>,
 ) -> anyhow::Result<Result_> {
     let body = Bytes::from(vec![b'x'; 1024]);
+    let cpu0 = cpu_time();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let sent = Arc::new(AtomicU64::new(0));
@@ -205,9 +220,11 @@ async fn send_load(
         p.join()
             .map_err(|_| anyhow::anyhow!("pacer thread panicked"))?;
     }
+    let wall = start.elapsed().as_secs_f64();
     Ok(Result_ {
-        msgs_per_s: sent.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        msgs_per_s: sent.load(Ordering::Relaxed) as f64 / wall,
         hist,
+        cpu_busy: (cpu_time() - cpu0).as_secs_f64() / wall / 2.0,
     })
 }
 
@@ -303,6 +320,12 @@ async fn store_baseline(
     Ok(total as f64 / t.elapsed().as_secs_f64())
 }
 
+/// "busy% | µs per request" for a run whose requests carried `batch` messages each.
+fn cpu(r: &Result_, batch: usize) -> String {
+    let per_req = r.cpu_busy * 2.0 / (r.msgs_per_s / batch as f64) * 1e6;
+    format!("{:.0}% | {per_req:.0}", 100.0 * r.cpu_busy)
+}
+
 fn lat(h: &Histogram<u64>) -> String {
     format!(
         "{:.2} / {:.2} / {:.2} ms",
@@ -319,8 +342,10 @@ async fn main() -> anyhow::Result<()> {
         "# gRPC benchmark (1 KiB messages, server and load generator in one process on 127.0.0.1, {} s per run)\n",
         a.seconds
     );
-    println!("| flush | run | msgs/s | of store rate | latency p50 / p99 / p99.9 |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| flush | run | msgs/s | of store rate | latency p50 / p99 / p99.9 | CPU busy (2 cores) | CPU µs per request |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (fname, flush) in [
         (
             "async",
@@ -345,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
             store_baseline(&base_dir, flush, a.seconds).await?
         };
         std::fs::remove_dir_all(&base_dir)?;
-        println!("| {fname} | store append, 64 in flight | {base:.0} | 100% | |");
+        println!("| {fname} | store append, 64 in flight | {base:.0} | 100% | | | |");
 
         let dir = a.dir.join(format!("{fname}-server"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -391,37 +416,41 @@ async fn main() -> anyhow::Result<()> {
         if want("one") {
             let one = send_load(&clients, a.seconds, 1, 1, None).await?;
             println!(
-                "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} |",
+                "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} | {} |",
                 one.msgs_per_s,
                 100.0 * one.msgs_per_s / base,
-                lat(&one.hist)
+                lat(&one.hist),
+                cpu(&one, 1)
             );
         }
         let many = send_load(&clients, a.seconds, 64, 1, None).await?;
         println!(
-            "| {fname} | send, 64 in flight | {:.0} | {:.0}% | {} |",
+            "| {fname} | send, 64 in flight | {:.0} | {:.0}% | {} | {} |",
             many.msgs_per_s,
             100.0 * many.msgs_per_s / base,
-            lat(&many.hist)
+            lat(&many.hist),
+            cpu(&many, 1)
         );
         if want("batched") {
             let batched = send_load(&clients, a.seconds, 4, 100, None).await?;
             println!(
-                "| {fname} | send, batches of 100, 4 in flight | {:.0} | {:.0}% | {} per batch |",
+                "| {fname} | send, batches of 100, 4 in flight | {:.0} | {:.0}% | {} per batch | {} |",
                 batched.msgs_per_s,
                 100.0 * batched.msgs_per_s / base,
-                lat(&batched.hist)
+                lat(&batched.hist),
+                cpu(&batched, 100)
             );
         }
         if want("paced") {
             let half = a.rate.unwrap_or(many.msgs_per_s / 2.0);
             let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
             println!(
-                "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time |",
+                "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time | {} |",
                 half,
                 paced.msgs_per_s,
                 100.0 * paced.msgs_per_s / base,
-                lat(&paced.hist)
+                lat(&paced.hist),
+                cpu(&paced, 1)
             );
         }
         if want("receive") {
@@ -429,7 +458,7 @@ async fn main() -> anyhow::Result<()> {
             let mut c = clients[0].clone();
             let rx = receive_all(&mut c, backlog).await?;
             println!(
-                "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | |",
+                "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | | | |",
                 100.0 * rx / base
             );
         }
