@@ -329,6 +329,10 @@ section! {
         min_free_space: ByteSize = ByteSize(lib_store().min_free_space),
         /// How often recovery checkpoints are written.
         checkpoint_interval: HumanDuration = HumanDuration(lib_store().checkpoint_interval),
+        /// Sync flush: longest wait for appenders expected back before a smaller group commit.
+        group_commit_wait: HumanDuration = HumanDuration(lib_store().group_commit_wait),
+        /// Sync flush: bytes kept zero-filled in front of the writer; `0B` turns it off.
+        zero_ahead: ByteSize = ByteSize(lib_store().zero_ahead),
     }
 }
 
@@ -695,6 +699,8 @@ impl Config {
             disk_budget: s.disk_budget.map(|b| b.0),
             min_free_space: s.min_free_space.0,
             checkpoint_interval: s.checkpoint_interval.0,
+            group_commit_wait: s.group_commit_wait.0,
+            zero_ahead: s.zero_ahead.0,
             ..StoreConfig::new(&self.server.data_dir)
         }
     }
