@@ -183,21 +183,30 @@ mod tests {
     use super::*;
     use crate::fs::{StdFs, Vfs};
 
-    fn segment(dir: &std::path::Path, start: u64) -> Arc<Segment> {
-        let path = dir.join(format!("{start:020}"));
+    /// A zeroer running over a fresh segment file of `size` bytes in `dir`.
+    fn start(
+        dir: &std::path::Path,
+        size: u64,
+        ahead: u64,
+    ) -> (Arc<ZeroAhead>, Arc<Segment>, std::thread::JoinHandle<()>) {
+        let path = dir.join(format!("{:020}", 0));
         let file = StdFs.open(&path, true).expect("open");
-        Arc::new(Segment { start, file, path })
+        let seg = Arc::new(Segment {
+            start: 0,
+            file,
+            path,
+        });
+        let z = ZeroAhead::new(size, ahead);
+        z.set_segment(seg.clone(), 0);
+        let zz = z.clone();
+        (z, seg, std::thread::spawn(move || zz.run()))
     }
 
     #[test]
     fn zeros_never_overwrite_written_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let size = 8 << 20;
-        let z = ZeroAhead::new(size, 1 << 20);
-        let seg = segment(dir.path(), 0);
-        z.set_segment(seg.clone(), 0);
-        let zz = z.clone();
-        let t = std::thread::spawn(move || zz.run());
+        let (z, seg, t) = start(dir.path(), size, 1 << 20);
         // The writer writes 0xAB records of odd sizes while the zeroer runs ahead of it.
         let mut pos = 0u64;
         let rec = vec![0xABu8; 3001];
@@ -217,11 +226,7 @@ mod tests {
     fn zeroer_fills_ahead_and_stops_at_the_segment_end() {
         let dir = tempfile::tempdir().expect("tempdir");
         let size = 1 << 20;
-        let z = ZeroAhead::new(size, 4 << 20);
-        let seg = segment(dir.path(), 0);
-        z.set_segment(seg.clone(), 0);
-        let zz = z.clone();
-        let t = std::thread::spawn(move || zz.run());
+        let (z, seg, t) = start(dir.path(), size, 4 << 20);
         z.before_write(0, 100);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while z.st.lock().zeroed_to < size && std::time::Instant::now() < deadline {
