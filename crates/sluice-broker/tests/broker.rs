@@ -1,38 +1,16 @@
 //! Broker behaviour over a real store in a temporary directory.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::filter::{Filter, FilterKind};
 use sluice_broker::*;
 use sluice_common::ManualClock;
-use sluice_store::{Store, StoreConfig};
 
-struct Env {
-    dir: tempfile::TempDir,
-    clock: ManualClock,
-    broker: Arc<Broker>,
-}
+mod common;
 
-fn open_at(dir: tempfile::TempDir, clock: ManualClock) -> Env {
-    let store = Arc::new(
-        Store::open_with(
-            StoreConfig::small(dir.path()),
-            Arc::new(sluice_store::StdFs),
-            Arc::new(clock.clone()),
-        )
-        .expect("store"),
-    );
-    let broker = Broker::open(
-        BrokerConfig::new(dir.path()),
-        store,
-        Arc::new(clock.clone()),
-    )
-    .expect("broker");
-    Env { dir, clock, broker }
-}
+use common::{Env, open_at};
 
 fn env() -> Env {
     open_at(

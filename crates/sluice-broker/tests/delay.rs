@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use sluice_broker::filter::Filter;
 use sluice_broker::*;
 use sluice_common::{Clock, ManualClock};
-use sluice_store::{Store, StoreConfig};
+
+mod common;
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -21,15 +22,7 @@ struct Env {
 }
 
 fn open_with(dir: tempfile::TempDir, clock: ManualClock, config: BrokerConfig) -> Env {
-    let store = Arc::new(
-        Store::open_with(
-            StoreConfig::small(dir.path()),
-            Arc::new(sluice_store::StdFs),
-            Arc::new(clock.clone()),
-        )
-        .expect("store"),
-    );
-    let broker = Broker::open(config.clone(), store, Arc::new(clock.clone())).expect("broker");
+    let broker = common::open_broker(dir.path(), &clock, config.clone());
     Env {
         dir,
         clock,

@@ -1,40 +1,18 @@
 //! Stream reads over a real store: pulling by offset with filters and long polling,
 //! committed offsets that survive restarts, and offset queries by time.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_broker::filter::{Filter, FilterKind};
 use sluice_broker::*;
 use sluice_common::ManualClock;
-use sluice_store::{Store, StoreConfig};
+
+mod common;
+
+use common::{Env, open_at};
 
 const T0: i64 = 1_700_000_000_000;
-
-struct Env {
-    dir: tempfile::TempDir,
-    clock: ManualClock,
-    broker: Arc<Broker>,
-}
-
-fn open_at(dir: tempfile::TempDir, clock: ManualClock) -> Env {
-    let store = Arc::new(
-        Store::open_with(
-            StoreConfig::small(dir.path()),
-            Arc::new(sluice_store::StdFs),
-            Arc::new(clock.clone()),
-        )
-        .expect("store"),
-    );
-    let broker = Broker::open(
-        BrokerConfig::new(dir.path()),
-        store,
-        Arc::new(clock.clone()),
-    )
-    .expect("broker");
-    Env { dir, clock, broker }
-}
 
 fn env() -> Env {
     let e = open_at(tempfile::tempdir().expect("tempdir"), ManualClock::new(T0));

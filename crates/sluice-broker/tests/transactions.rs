@@ -10,8 +10,9 @@ use bytes::Bytes;
 use sluice_broker::filter::Filter;
 use sluice_broker::*;
 use sluice_common::ManualClock;
-use sluice_store::{Store, StoreConfig};
 use tokio::sync::broadcast;
+
+mod common;
 
 const INTERVAL_MS: i64 = 30_000;
 const MAX_CHECKS: u32 = 3;
@@ -24,19 +25,11 @@ struct Env {
 }
 
 fn open_at(dir: tempfile::TempDir, clock: ManualClock, default: TransactionResolution) -> Env {
-    let store = Arc::new(
-        Store::open_with(
-            StoreConfig::small(dir.path()),
-            Arc::new(sluice_store::StdFs),
-            Arc::new(clock.clone()),
-        )
-        .expect("store"),
-    );
     let mut cfg = BrokerConfig::new(dir.path());
     cfg.transaction_check_interval = Duration::from_millis(INTERVAL_MS as u64);
     cfg.transaction_max_checks = MAX_CHECKS;
     cfg.transaction_default_resolution = default;
-    let broker = Broker::open(cfg, store, Arc::new(clock.clone())).expect("broker");
+    let broker = common::open_broker(dir.path(), &clock, cfg);
     Env {
         dir,
         clock,

@@ -2,33 +2,26 @@
 
 use std::sync::Arc;
 
-use sluice_broker::{Broker, BrokerConfig, MessageType, StartPosition};
+use sluice_broker::{BrokerConfig, MessageType, StartPosition};
 use sluice_common::ManualClock;
 use sluice_proto::prost_types::Timestamp;
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
 use sluice_proto::v2::{self, Code, receive_message_response::Content};
-use sluice_proxy::ProxyConfig;
-use sluice_store::{Store, StoreConfig};
 use tonic::transport::Channel;
+
+mod common;
+
+use common::res;
 
 const T0: i64 = 1_700_000_000_000;
 
 fn with_id<T>(msg: T, rust: bool) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("x-mq-client-id", "test@1@1".parse().expect("header"));
+    let mut r = common::with_id("test@1@1", msg);
     if rust {
         r.metadata_mut()
             .insert("x-mq-language", "RUST".parse().expect("header"));
     }
     r
-}
-
-fn res(name: &str) -> Option<v2::Resource> {
-    Some(v2::Resource {
-        resource_namespace: String::new(),
-        name: name.into(),
-    })
 }
 
 fn delay_message(id: &str, at_ms: i64) -> v2::Message {
@@ -86,29 +79,15 @@ fn code(s: &Option<v2::Status>) -> Option<Code> {
 async fn delay_send_recall_and_delivery_over_grpc() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let clock = ManualClock::new(T0);
-    let store = Arc::new(Store::open_with(
-        StoreConfig::small(dir.path()),
-        Arc::new(sluice_store::StdFs),
-        Arc::new(clock.clone()),
-    )?);
-    let broker = Broker::open(
+    let broker = common::open_broker(
+        dir.path(),
         BrokerConfig::new(dir.path()),
-        store,
         Arc::new(clock.clone()),
     )?;
     broker.create_topic("d", MessageType::Delay, 2)?;
     broker.create_group("g", false, None, None, Some(StartPosition::Earliest))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let b = broker.clone();
-    let server = tokio::spawn(async move {
-        let _ = sluice_proxy::run(listener, b, ProxyConfig::default(), async {
-            let _ = stopped.await;
-        })
-        .await;
-    });
-    let mut c = MessagingServiceClient::connect(format!("http://{addr}")).await?;
+    let server = common::serve(dir, broker.clone()).await?;
+    let mut c = common::client(server.addr).await?;
 
     // Millisecond precision, kept exactly.
     let at = T0 + 5_123;
@@ -179,7 +158,6 @@ async fn delay_send_recall_and_delivery_over_grpc() -> anyhow::Result<()> {
         assert_eq!(code(&r.status), Some(Code::NotFound));
         assert!(r.message_id.is_empty());
     }
-    let _ = stop.send(());
-    let _ = server.await;
+    server.shutdown().await;
     Ok(())
 }

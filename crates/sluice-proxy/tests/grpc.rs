@@ -5,65 +5,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_broker::{Broker, BrokerConfig, MessageType};
+use sluice_broker::{BrokerConfig, MessageType};
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
 use sluice_proto::v2::{self, Code, receive_message_response::Content, telemetry_command};
-use sluice_proxy::ProxyConfig;
-use sluice_store::{Store, StoreConfig};
 use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
 
-struct Server {
-    _dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    broker: Arc<Broker>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
+mod common;
+
+use common::{Server, client, res};
 
 async fn start() -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(Store::open(StoreConfig::small(dir.path()))?);
-    let broker = Broker::open(
+    let broker = common::open_broker(
+        dir.path(),
         BrokerConfig::new(dir.path()),
-        store,
         Arc::new(sluice_common::SystemClock),
     )?;
     broker.create_topic("t", MessageType::Normal, 4)?;
     broker.create_group("g", false, Some(3), None, None)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let b = broker.clone();
-    tokio::spawn(async move {
-        let _ = sluice_proxy::run(listener, b, ProxyConfig::default(), async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Ok(Server {
-        _dir: dir,
-        addr,
-        broker,
-        stop: Some(tx),
-    })
-}
-
-async fn client(addr: std::net::SocketAddr) -> anyhow::Result<MessagingServiceClient<Channel>> {
-    Ok(MessagingServiceClient::connect(format!("http://{addr}")).await?)
+    common::serve(dir, broker).await
 }
 
 fn with_id<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("x-mq-client-id", "test@1@1".parse().expect("header"));
-    r
-}
-
-fn res(name: &str) -> Option<v2::Resource> {
-    Some(v2::Resource {
-        resource_namespace: String::new(),
-        name: name.into(),
-    })
+    common::with_id("test@1@1", msg)
 }
 
 fn message(id: &str, body: &[u8]) -> v2::Message {
@@ -223,7 +188,7 @@ async fn route_send_receive_ack() -> anyhow::Result<()> {
     let (st, msgs) = receive(&mut c, 32, 30).await?;
     assert_eq!(st.code(), Code::MessageNotFound);
     assert!(msgs.is_empty());
-    let _ = s.stop.map(|t| t.send(()));
+    s.stop();
     Ok(())
 }
 

@@ -6,71 +6,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_broker::{Broker, BrokerConfig, MessageType, StartPosition};
+use sluice_broker::{BrokerConfig, MessageType, StartPosition};
 use sluice_common::ManualClock;
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
 use sluice_proto::v2::{
     self, Code, pull_message_response, receive_message_response, telemetry_command,
 };
-use sluice_proxy::ProxyConfig;
-use sluice_store::{Store, StoreConfig};
 use tonic::transport::Channel;
+
+mod common;
+
+use common::{Server, res, with_id};
 
 const PRODUCER: &str = "producer@1@1";
 
-struct Server {
-    _dir: tempfile::TempDir,
-    addr: std::net::SocketAddr,
-    broker: Arc<Broker>,
-    clock: ManualClock,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start() -> anyhow::Result<Server> {
+async fn start() -> anyhow::Result<(Server, ManualClock)> {
     let dir = tempfile::tempdir()?;
     let clock = ManualClock::new(1_700_000_000_000);
-    let store = Arc::new(Store::open_with(
-        StoreConfig::small(dir.path()),
-        Arc::new(sluice_store::StdFs),
-        Arc::new(clock.clone()),
-    )?);
     let mut cfg = BrokerConfig::new(dir.path());
     cfg.transaction_check_interval = Duration::from_secs(30);
-    let broker = Broker::open(cfg, store, Arc::new(clock.clone()))?;
+    let broker = common::open_broker(dir.path(), cfg, Arc::new(clock.clone()))?;
     broker.create_topic("tx", MessageType::Transaction, 2)?;
     broker.create_topic("t", MessageType::Normal, 1)?;
     broker.create_group("g", false, None, None, Some(StartPosition::Earliest))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let b = broker.clone();
-    tokio::spawn(async move {
-        let _ = sluice_proxy::run(listener, b, ProxyConfig::default(), async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Ok(Server {
-        _dir: dir,
-        addr,
-        broker,
-        clock,
-        _stop: tx,
-    })
-}
-
-fn with_id<T>(id: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("x-mq-client-id", id.parse().expect("header"));
-    r
-}
-
-fn res(name: &str) -> Option<v2::Resource> {
-    Some(v2::Resource {
-        resource_namespace: String::new(),
-        name: name.into(),
-    })
+    Ok((common::serve(dir, broker).await?, clock))
 }
 
 fn tx_message(id: &str) -> v2::Message {
@@ -209,15 +168,15 @@ async fn open_telemetry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_checks_reaches_the_producer_paced_and_complete() -> anyhow::Result<()> {
-    let s = start().await?;
-    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
+    let (s, clock) = start().await?;
+    let mut c = common::client(s.addr).await?;
     let (_out, mut telemetry) = open_telemetry(&mut c).await?;
     let n = sluice_broker::transaction::MAX_CHECKS_PER_RUN + 44;
     let mut open = std::collections::HashSet::new();
     for i in 0..n {
         open.insert(send_tx(&mut c, &format!("01AABBCCDDEEFF0002{i:08}")).await?);
     }
-    s.clock.advance(30_000);
+    clock.advance(30_000);
     // More checks are due than one run publishes: the rest follow in the next run, and
     // every one of them reaches the producer's stream (none dropped on a full queue).
     let first = s.broker.check_transactions().await?;
@@ -241,8 +200,8 @@ async fn a_burst_of_checks_reaches_the_producer_paced_and_complete() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow::Result<()> {
-    let s = start().await?;
-    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
+    let (s, clock) = start().await?;
+    let mut c = common::client(s.addr).await?;
 
     let (_out, mut telemetry) = open_telemetry(&mut c).await?;
 
@@ -254,7 +213,7 @@ async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow
     );
 
     // One check interval later the broker asks the producer.
-    s.clock.advance(30_000);
+    clock.advance(30_000);
     assert_eq!(s.broker.check_transactions().await?, 1);
     let cmd = tokio::time::timeout(Duration::from_secs(10), telemetry.message())
         .await??
@@ -335,7 +294,7 @@ async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow
     )
     .await?;
     assert_eq!(st.code, Code::Ok as i32, "{st:?}");
-    s.clock.advance(30_000);
+    clock.advance(30_000);
     assert_eq!(s.broker.check_transactions().await?, 0);
     assert!(receive_ids(&mut c).await?.is_empty());
     Ok(())
@@ -402,8 +361,8 @@ fn queue_t0() -> Option<v2::MessageQueue> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_and_offsets_over_grpc() -> anyhow::Result<()> {
-    let s = start().await?;
-    let mut c = MessagingServiceClient::connect(format!("http://{}", s.addr)).await?;
+    let (s, clock) = start().await?;
+    let mut c = common::client(s.addr).await?;
     for i in 0..3 {
         let mut m = tx_message(&format!("ID{i}"));
         m.topic = res("t");
@@ -418,7 +377,7 @@ async fn pull_and_offsets_over_grpc() -> anyhow::Result<()> {
             .await?
             .into_inner();
         assert_eq!(r.status.map(|s| s.code), Some(Code::Ok as i32));
-        s.clock.advance(1000);
+        clock.advance(1000);
     }
     let (st, msgs, next) = pull(&mut c, 0, 2).await?;
     assert_eq!(st.code, Code::Ok as i32);

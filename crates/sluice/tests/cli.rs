@@ -1,35 +1,14 @@
 //! End to end: the real `sluice` binary as a server and as the admin CLI.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+mod common;
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Status code of a plain HTTP GET, or `None` if nothing answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
-}
+use common::{BIN, free_port, http_status};
 
 struct Server {
     child: Child,
@@ -41,18 +20,9 @@ impl Server {
     fn start(data: &Path, log: &Path) -> Server {
         let (grpc_port, admin_port) = (free_port(), free_port());
         let log_file = File::create(log).expect("log file");
-        let child = Command::new(BIN)
-            .args(["server", "--data-dir"])
-            .arg(data)
-            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            // Small files for a test; also exercises the environment layer.
-            .env("SLUICE_STORE__SEGMENT_SIZE", "16MiB")
-            .env("SLUICE_STORE__MIN_FREE_SPACE", "0")
+        let child = common::server_command(&[], data, grpc_port, admin_port, log_file)
             .env("RUST_LOG", "info")
             .env_remove("SLUICE_ADMIN")
-            .stdout(Stdio::null())
-            .stderr(log_file)
             .spawn()
             .expect("spawn server");
         let mut s = Server {

@@ -2,33 +2,14 @@
 //! `sluice server` process, through the gRPC API.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
-}
+use common::{BIN, free_port, http_status};
 
 struct Server {
     child: Child,
@@ -46,15 +27,7 @@ impl Drop for Server {
 fn start(data: &Path) -> Server {
     let (grpc_port, admin_port) = (free_port(), free_port());
     let log = File::create(data.with_extension("log")).expect("log file");
-    let child = Command::new(BIN)
-        .args(["server", "--flush", "async", "--data-dir"])
-        .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .env("SLUICE_STORE__SEGMENT_SIZE", "16MiB")
-        .env("SLUICE_STORE__MIN_FREE_SPACE", "0")
-        .stdout(Stdio::null())
-        .stderr(log)
+    let child = common::server_command(&["--flush", "async"], data, grpc_port, admin_port, log)
         .spawn()
         .expect("spawn server");
     let s = Server {
