@@ -29,6 +29,19 @@ const LANGUAGE: &str = "RUST";
 const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Extra time granted on top of a deadline before the client gives up locally.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
+/// Longest wait before the Telemetry stream is opened again after it failed.
+const TELEMETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// `d` spread over ±25%, so clients cut off together do not reconnect in step.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    // A fraction in [0.75, 1.25) from the clock's nanoseconds.
+    d.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+}
+
 /// Settings are announced again this often on a live Telemetry stream.
 const SETTINGS_RESYNC: Duration = Duration::from_secs(300);
 
@@ -572,9 +585,11 @@ impl Core {
             *lock(&self.telemetry_tx) = None;
             tokio::select! {
                 _ = &mut stopped => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(jittered(backoff)) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            // Capped low: while the stream is down the server cannot send transaction
+            // checks or settings to this client.
+            backoff = (backoff * 2).min(TELEMETRY_BACKOFF_MAX);
         }
     }
 
@@ -735,6 +750,17 @@ fn header_value(s: &str) -> Result<AsciiMetadataValue, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_quarter() {
+        for _ in 0..1000 {
+            let j = jittered(Duration::from_millis(800));
+            assert!(
+                j >= Duration::from_millis(600) && j < Duration::from_millis(1000),
+                "{j:?}"
+            );
+        }
+    }
 
     #[test]
     fn endpoint_parsing() {
