@@ -141,7 +141,6 @@ pub struct StoreStats {
 
 type Listener = Arc<dyn Fn(&str, u32, u64) + Send + Sync>;
 type Reply = oneshot::Sender<Result<Vec<AppendResult>, StoreError>>;
-type Reply_ = oneshot::Receiver<Result<Vec<AppendResult>, StoreError>>;
 
 struct Request {
     msgs: Vec<AppendMessage>,
@@ -771,12 +770,12 @@ impl Store {
         if let Some(e) = self.shared.fenced_error() {
             return Err(e);
         }
+        let (reply, rx) = oneshot::channel();
         if let Some(c) = &self.inline {
-            let rx = self.enqueue(c, msgs)?;
+            c.queue.lock().push(Request { msgs, reply });
             c.combine(1);
             return Ok(rx);
         }
-        let (reply, rx) = oneshot::channel();
         let tx = self.tx.read();
         let tx = tx.as_ref().ok_or(StoreError::Closed)?;
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
@@ -784,16 +783,6 @@ impl Store {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(StoreError::Closed);
         }
-        Ok(rx)
-    }
-
-    /// Async: queues a request for the [`Combiner`].
-    fn enqueue(&self, c: &Combiner, msgs: Vec<AppendMessage>) -> Result<Reply_, StoreError> {
-        if let Some(e) = self.shared.fenced_error() {
-            return Err(e);
-        }
-        let (reply, rx) = oneshot::channel();
-        c.queue.lock().push(Request { msgs, reply });
         Ok(rx)
     }
 
@@ -1150,7 +1139,6 @@ fn index_items(
     }
 }
 
-/// Per-queue state owned by the writer thread.
 /// Async mode: appenders write themselves instead of handing requests to a thread
 /// (flat combining). An appender queues its request and, if the writer is free, takes it
 /// and writes everything queued (its own request and any that arrived meanwhile) as one
@@ -1230,6 +1218,7 @@ impl Combiner {
     }
 }
 
+/// Per-queue state owned by the writer.
 struct WriterQueue {
     cq: Arc<ConsumeQueue>,
     next: u64,
