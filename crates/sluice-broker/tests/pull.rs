@@ -10,7 +10,7 @@ use sluice_common::ManualClock;
 
 mod common;
 
-use common::{Env, open_at};
+use common::{Env, open_at, receive_all};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -252,19 +252,6 @@ async fn query_offsets_by_position_and_time() {
     ));
 }
 
-async fn receive_all(b: &Broker, group: &str) -> Vec<Delivery> {
-    b.receive(ReceiveRequest {
-        group: group.into(),
-        topic: "t".into(),
-        filter: Filter::All,
-        max_messages: 32,
-        invisible: Duration::from_secs(30),
-        long_poll: Duration::ZERO,
-    })
-    .await
-    .expect("receive")
-}
-
 #[tokio::test]
 async fn a_group_created_again_under_the_same_name_starts_fresh() {
     for clean in [true, false] {
@@ -284,7 +271,7 @@ async fn a_group_created_again_under_the_same_name_starts_fresh() {
             .expect("update");
         // POP state: "g" (created before the sends) takes all 12 and leaves them in flight.
         fill(&e, 10, 2).await;
-        let got = receive_all(&e.broker, "g").await;
+        let got = receive_all(&e.broker, "g", "t").await;
         assert_eq!(got.len(), 12);
         let e = restart(e, clean);
         e.broker.delete_group("g").expect("delete");
@@ -307,7 +294,7 @@ async fn a_group_created_again_under_the_same_name_starts_fresh() {
             st.queues
         );
         // From the earliest message, as the new group asks.
-        let got = receive_all(&e.broker, "g").await;
+        let got = receive_all(&e.broker, "g", "t").await;
         assert_eq!(got.len(), 12, "clean={clean}");
     }
 }

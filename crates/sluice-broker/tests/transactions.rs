@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_broker::filter::Filter;
 use sluice_broker::*;
 use sluice_common::ManualClock;
 use tokio::sync::broadcast;
@@ -107,17 +106,7 @@ async fn send(e: &Env, i: u32) -> SendReceipt {
 }
 
 async fn receive(e: &Env) -> Vec<Delivery> {
-    e.broker
-        .receive(ReceiveRequest {
-            group: "g".into(),
-            topic: "tx".into(),
-            filter: Filter::All,
-            max_messages: 32,
-            invisible: Duration::from_secs(30),
-            long_poll: Duration::ZERO,
-        })
-        .await
-        .expect("receive")
+    common::receive_all(&e.broker, "g", "tx").await
 }
 
 async fn end(

@@ -3,8 +3,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use sluice_broker::{Broker, BrokerConfig};
+use sluice_broker::filter::Filter;
+use sluice_broker::{Broker, BrokerConfig, Delivery, Messaging, ReceiveRequest};
 use sluice_common::ManualClock;
 use sluice_store::{Store, StoreConfig};
 
@@ -34,4 +36,19 @@ pub struct Env {
 pub fn open_at(dir: tempfile::TempDir, clock: ManualClock) -> Env {
     let broker = open_broker(dir.path(), &clock, BrokerConfig::new(dir.path()));
     Env { dir, clock, broker }
+}
+
+/// Takes up to 32 visible messages of `topic` for `group` (no long poll).
+#[allow(dead_code)]
+pub async fn receive_all(b: &Broker, group: &str, topic: &str) -> Vec<Delivery> {
+    b.receive(ReceiveRequest {
+        group: group.into(),
+        topic: topic.into(),
+        filter: Filter::All,
+        max_messages: 32,
+        invisible: Duration::from_secs(30),
+        long_poll: Duration::ZERO,
+    })
+    .await
+    .expect("receive")
 }
