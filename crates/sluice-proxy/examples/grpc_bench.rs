@@ -40,6 +40,14 @@ struct Args {
     connections: usize,
     /// Paced run at this rate instead of half the measured maximum.
     rate: Option<f64>,
+    /// Only serve (broker + gRPC on this address) until killed: the server half of a
+    /// two-process run, so each process's CPU time can be read separately.
+    serve: Option<String>,
+    /// Drive the server at this address instead of one started in this process.
+    target: Option<String>,
+    /// With `--target`: the server's process id, whose CPU time (from `/proc`) is added
+    /// to this process's so "CPU µs per request" still covers server and generator.
+    server_pid: Option<u32>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -50,6 +58,9 @@ fn args() -> anyhow::Result<Args> {
         only: None,
         connections: 4,
         rate: None,
+        serve: None,
+        target: None,
+        server_pid: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -62,6 +73,9 @@ fn args() -> anyhow::Result<Args> {
             "--flush" => a.flush = Some(v),
             "--only" => a.only = Some(v),
             "--rate" => a.rate = Some(v.parse()?),
+            "--serve" => a.serve = Some(v),
+            "--target" => a.target = Some(v),
+            "--server-pid" => a.server_pid = Some(v.parse()?),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
             _ => anyhow::bail!("unknown argument {k}"),
         }
@@ -108,7 +122,36 @@ struct Result_ {
 }
 
 /// CPU time (user + system) this process has used so far.
+/// Process whose CPU time `cpu_time` adds (the server of a two-process run), 0 for none.
+static SERVER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// User + system CPU time of another process, from `/proc/<pid>/stat` (clock ticks).
+fn proc_cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz)
+}
+
 fn cpu_time() -> Duration {
+    let pid = SERVER_PID.load(Ordering::Relaxed);
+    let other = if pid == 0 {
+        Duration::ZERO
+    } else {
+        proc_cpu_time(pid)
+    };
+    other + own_cpu_time()
+}
+
+fn own_cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct it is given; it is zero-initialised plain data.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_SELF with a valid pointer to a rusage.
@@ -338,6 +381,9 @@ fn lat(h: &Histogram<u64>) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
+    if let Some(pid) = a.server_pid {
+        SERVER_PID.store(pid, Ordering::Relaxed);
+    }
     println!(
         "# gRPC benchmark (1 KiB messages, server and load generator in one process on 127.0.0.1, {} s per run)\n",
         a.seconds
@@ -364,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&base_dir);
         std::fs::create_dir_all(&base_dir)?;
         // With --only (profiling) the baseline is skipped: fractions print as NaN.
-        let base = if a.only.is_some() {
+        let base = if a.only.is_some() || a.serve.is_some() {
             f64::NAN
         } else {
             store_baseline(&base_dir, flush, a.seconds).await?
@@ -394,8 +440,9 @@ async fn main() -> anyhow::Result<()> {
             None,
             Some(sluice_broker::StartPosition::Earliest),
         )?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let listener =
+            tokio::net::TcpListener::bind(a.serve.as_deref().unwrap_or("127.0.0.1:0")).await?;
+        let local = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(sluice_proxy::run(
             listener,
@@ -405,6 +452,15 @@ async fn main() -> anyhow::Result<()> {
                 let _ = stop_rx.await;
             },
         ));
+        if a.serve.is_some() {
+            println!("serving on {local} until killed");
+            server.await??;
+            return Ok(());
+        }
+        let addr = match &a.target {
+            Some(t) => t.parse()?,
+            None => local,
+        };
         let mut clients = Vec::new();
         for _ in 0..a.connections {
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
