@@ -48,6 +48,8 @@ struct Args {
     /// With `--target`: the server's process id, whose CPU time (from `/proc`) is added
     /// to this process's so "CPU µs per request" still covers server and generator.
     server_pid: Option<u32>,
+    /// Runtime worker threads of this process (2 unless told).
+    workers: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -61,6 +63,7 @@ fn args() -> anyhow::Result<Args> {
         serve: None,
         target: None,
         server_pid: None,
+        workers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -76,6 +79,7 @@ fn args() -> anyhow::Result<Args> {
             "--serve" => a.serve = Some(v),
             "--target" => a.target = Some(v),
             "--server-pid" => a.server_pid = Some(v.parse()?),
+            "--workers" => a.workers = v.parse::<usize>()?.max(1),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
             _ => anyhow::bail!("unknown argument {k}"),
         }
@@ -378,9 +382,16 @@ fn lat(h: &Histogram<u64>) -> String {
     )
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let a = args()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.workers)
+        .enable_all()
+        .build()?
+        .block_on(bench(a))
+}
+
+async fn bench(a: Args) -> anyhow::Result<()> {
     if let Some(pid) = a.server_pid {
         SERVER_PID.store(pid, Ordering::Relaxed);
     }
