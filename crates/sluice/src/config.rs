@@ -305,6 +305,8 @@ section! {
         listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8081)),
         /// Address of the admin HTTP API.
         admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
+        /// Threads that run network and broker work; 0 means one per CPU core.
+        worker_threads: u32 = 0,
     }
 }
 
@@ -595,6 +597,12 @@ impl Config {
                 format!("{} is also the gRPC listen address", sv.admin_listen),
             );
         }
+        if sv.worker_threads > 1024 {
+            bad(
+                "[server] worker_threads",
+                format!("{} is more than 1024", sv.worker_threads),
+            );
+        }
         if st.segment_size.0 < 1 << 20 {
             bad("[store] segment_size", "must be at least 1MiB".into());
         }
@@ -856,6 +864,7 @@ mod tests {
         assert_eq!(c.server.data_dir, PathBuf::from("./sluice-data"));
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.worker_threads, 0);
     }
 
     #[test]
@@ -1010,12 +1019,13 @@ mod tests {
     #[test]
     fn cross_field_rules() {
         let errs = errors(load_str(
-            "[server]\nadmin_listen = \"127.0.0.1:8081\"\n[store]\nsegment_size = \"4MiB\"\n\
+            "[server]\nadmin_listen = \"127.0.0.1:8081\"\nworker_threads = 5000\n[store]\nsegment_size = \"4MiB\"\n\
              max_message_size = \"8MiB\"\nretention = \"0s\"\n[broker]\nmax_body_size = \"16MiB\"\n",
             &[],
         ));
         for needle in [
             "admin_listen",
+            "more than 1024",
             "exceeds segment_size",
             "must exceed [broker] max_body_size",
             "[store] retention",

@@ -261,11 +261,11 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e, 2),
             };
             init_logging();
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("sluice")
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if cfg.server.worker_threads > 0 {
+                builder.worker_threads(cfg.server.worker_threads as usize);
+            }
+            let rt = match builder.enable_all().thread_name("sluice").build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
             };
