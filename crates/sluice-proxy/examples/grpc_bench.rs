@@ -3,14 +3,22 @@
 //!
 //! ```text
 //! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
+//!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R]
+//!     [--connections N] [--workers N] [--serve ADDR | --target ADDR [--server-pid PID]]
 //! ```
 //!
-//! For each flush policy it opens a fresh store, measures raw `Store::append` throughput
-//! for 1 KiB messages with 64 appends in flight, then starts broker + gRPC server on
-//! 127.0.0.1 in the same process and drives it with generated tonic clients: unbatched
-//! sends with 1 and 64 in flight, batched sends (100 × 1 KiB per request), a rate-limited
-//! run at half the unbatched maximum (latency measured from the intended send time), and
-//! receive + ack throughput.
+//! For each flush policy it opens a fresh store and measures raw `Store::append`
+//! throughput for 1 KiB messages with 64 appends in flight (median of three runs, on a
+//! runtime with one worker per core), then drives a gRPC server with generated tonic
+//! clients: unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
+//! request), an open-loop run at half the unbatched maximum (latency measured from the
+//! intended send time) and receive + ack throughput.
+//!
+//! The server is, by default, store + broker + gRPC in this process on 127.0.0.1. With
+//! `--serve ADDR` the process is only that server, until killed; with `--target ADDR` the
+//! load goes to a server elsewhere (a `sluice server`, or another `grpc_bench --serve`)
+//! that has the topic `bench` (8 queues) and the group `bench-group`, and `--server-pid`
+//! adds that process's CPU time to the "CPU µs per request" column.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
