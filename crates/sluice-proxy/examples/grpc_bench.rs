@@ -418,6 +418,62 @@ async fn store_baseline(
     Ok(total as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Fastest rate of the loopback echo probe (see `echo_probe`).
+const ECHO_MAX_RATE: f64 = 5000.0;
+
+/// The machine's own latency floor: a blocking TCP echo on 127.0.0.1 (1 KiB out, 16 bytes
+/// back, one in flight) paced at `rate` like the gRPC run, latency from the intended send
+/// time. Whatever the gRPC path adds is on top of this. Returns (round trips/s, latency).
+fn echo_probe(rate: f64, secs: f64) -> anyhow::Result<(f64, Histogram<u64>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        c.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1024];
+        loop {
+            if let Err(e) = c.read_exact(&mut buf) {
+                // The client hung up: the probe is over.
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+            c.write_all(&buf[..16])?;
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let out = vec![b'x'; 1024];
+    let mut back = [0u8; 16];
+    let mut h = Histogram::<u64>::new(3)?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    loop {
+        let intended = start + Duration::from_secs_f64(n as f64 / rate);
+        if intended >= end {
+            break;
+        }
+        let now = Instant::now();
+        if intended > now {
+            std::thread::sleep(intended - now);
+        }
+        c.write_all(&out)?;
+        c.read_exact(&mut back)?;
+        let _ = h.record(intended.elapsed().as_micros() as u64);
+        n += 1;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    drop(c);
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo server panicked"))??;
+    Ok((n as f64 / wall, h))
+}
+
 /// "busy% | µs per request" for a run whose requests carried `batch` messages each.
 fn cpu(r: &Result_, batch: usize) -> String {
     let per_req = r.cpu_busy * 2.0 / (r.msgs_per_s / batch as f64) * 1e6;
@@ -573,6 +629,15 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         }
         if want("paced") {
             let half = a.rate.unwrap_or(many.msgs_per_s / 2.0);
+            // One blocking round trip at a time keeps up with ≈ 5,000/s here (thread
+            // wake-ups on both sides), so the probe runs at most that fast.
+            let (secs, echo_rate) = (a.seconds, half.min(ECHO_MAX_RATE));
+            let echo = tokio::task::spawn_blocking(move || echo_probe(echo_rate, secs)).await??;
+            println!(
+                "| {fname} | baseline: TCP echo on loopback (no gRPC), 1 KiB at {echo_rate:.0}/s, 1 in flight | {:.0} | | {} from intended send time | | |",
+                echo.0,
+                lat(&echo.1),
+            );
             let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
             println!(
                 "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time | {} |",
