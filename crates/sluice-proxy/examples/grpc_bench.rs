@@ -661,11 +661,12 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         let _ = stop_tx.send(());
         let _ = server.await;
         drop(broker);
+        // Connection tasks may still hold the broker (and so the store) for a moment after
+        // the server returns: close the store explicitly so nothing writes into the
+        // directory while it is removed.
+        store.close();
         drop(store);
-        // Best effort: connection tasks still holding the broker may write a last file.
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            eprintln!("note: could not remove {}: {e}", dir.display());
-        }
+        std::fs::remove_dir_all(&dir)?;
     }
     Ok(())
 }
