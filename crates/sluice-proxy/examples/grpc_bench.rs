@@ -342,6 +342,83 @@ async fn receive_all(c: &mut MessagingServiceClient<Channel>, total: u64) -> any
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
+/// A store for this benchmark: no free-space floor, small index files.
+fn open_store(dir: &std::path::Path, flush: FlushPolicy) -> anyhow::Result<Store> {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.flush = flush;
+    cfg.min_free_space = 0;
+    cfg.index_slots = 1 << 16;
+    cfg.index_entries = 1 << 20;
+    Ok(Store::open(cfg)?)
+}
+
+/// Store + broker + gRPC server in this process, with the topic and group the load uses.
+struct LocalServer {
+    dir: std::path::PathBuf,
+    store: Arc<Store>,
+    broker: Arc<Broker>,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl LocalServer {
+    async fn start(
+        dir: std::path::PathBuf,
+        flush: FlushPolicy,
+        bind: &str,
+    ) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let store = Arc::new(open_store(&dir, flush)?);
+        let broker = Broker::open(
+            BrokerConfig::new(&dir),
+            store.clone(),
+            Arc::new(sluice_common::SystemClock),
+        )?;
+        broker.create_topic("bench", MessageType::Normal, 8)?;
+        broker.create_group(
+            "bench-group",
+            false,
+            None,
+            None,
+            Some(sluice_broker::StartPosition::Earliest),
+        )?;
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sluice_proxy::run(
+            listener,
+            broker.clone(),
+            sluice_proxy::ProxyConfig::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(LocalServer {
+            dir,
+            store,
+            broker,
+            addr,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        drop(self.broker);
+        // Connection tasks may still hold the broker (and so the store) for a moment after
+        // the server returns: close the store explicitly so nothing writes into the
+        // directory while it is removed.
+        self.store.close();
+        drop(self.store);
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+}
+
 /// Store baseline repetitions; the median is the 100% of the table.
 const BASELINE_RUNS: usize = 3;
 
@@ -381,12 +458,7 @@ async fn store_baseline(
     flush: FlushPolicy,
     secs: f64,
 ) -> anyhow::Result<f64> {
-    let mut cfg = StoreConfig::new(dir);
-    cfg.flush = flush;
-    cfg.min_free_space = 0;
-    cfg.index_slots = 1 << 16;
-    cfg.index_entries = 1 << 20;
-    let store = Arc::new(Store::open(cfg)?);
+    let store = Arc::new(open_store(dir, flush)?);
     let body = Bytes::from(vec![b'x'; 1024]);
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let t = Instant::now();
@@ -502,12 +574,13 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     if let Some(pid) = a.server_pid {
         SERVER_PID.store(pid, Ordering::Relaxed);
     }
-    let layout = match &a.target {
-        Some(t) => format!(
+    let layout = match (&a.target, &a.serve) {
+        (Some(t), _) => format!(
             "load generator ({} workers) driving the server at {t}",
             a.workers
         ),
-        None => format!(
+        (None, Some(_)) => format!("server only ({} workers)", a.workers),
+        (None, None) => format!(
             "server and load generator in one process ({} workers)",
             a.workers
         ),
@@ -549,47 +622,25 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         );
 
         let dir = a.dir.join(format!("{fname}-server"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let mut cfg = StoreConfig::new(&dir);
-        cfg.flush = flush;
-        cfg.min_free_space = 0;
-        cfg.index_slots = 1 << 16;
-        cfg.index_entries = 1 << 20;
-        let store = Arc::new(Store::open(cfg)?);
-        let broker = Broker::open(
-            BrokerConfig::new(&dir),
-            store.clone(),
-            Arc::new(sluice_common::SystemClock),
-        )?;
-        broker.create_topic("bench", MessageType::Normal, 8)?;
-        broker.create_group(
-            "bench-group",
-            false,
-            None,
-            None,
-            Some(sluice_broker::StartPosition::Earliest),
-        )?;
-        let listener =
-            tokio::net::TcpListener::bind(a.serve.as_deref().unwrap_or("127.0.0.1:0")).await?;
-        let local = listener.local_addr()?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(sluice_proxy::run(
-            listener,
-            broker.clone(),
-            sluice_proxy::ProxyConfig::default(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-        if a.serve.is_some() {
-            println!("serving on {local} until killed");
-            server.await??;
+        // Against --target the load goes elsewhere: no server of our own.
+        let local = match &a.target {
+            Some(_) => None,
+            None => {
+                let bind = a.serve.as_deref().unwrap_or("127.0.0.1:0");
+                Some(LocalServer::start(dir, flush, bind).await?)
+            }
+        };
+        if a.serve.is_some()
+            && let Some(l) = local
+        {
+            println!("serving on {} until killed", l.addr);
+            l.task.await??;
             return Ok(());
         }
-        let addr = match &a.target {
-            Some(t) => t.parse()?,
-            None => local,
+        let addr = match (&a.target, &local) {
+            (Some(t), _) => t.parse()?,
+            (None, Some(l)) => l.addr,
+            (None, None) => unreachable!("a local server runs unless --target"),
         };
         let mut clients = Vec::new();
         for _ in 0..a.connections {
@@ -649,8 +700,10 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             );
         }
         // The backlog count comes from the in-process store, so not against --target.
-        if want("receive") && a.target.is_none() {
-            let backlog = store.stats().appended_messages;
+        if let Some(l) = &local
+            && want("receive")
+        {
+            let backlog = l.store.stats().appended_messages;
             let mut c = clients[0].clone();
             let rx = receive_all(&mut c, backlog).await?;
             println!(
@@ -658,15 +711,9 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                 100.0 * rx / base
             );
         }
-        let _ = stop_tx.send(());
-        let _ = server.await;
-        drop(broker);
-        // Connection tasks may still hold the broker (and so the store) for a moment after
-        // the server returns: close the store explicitly so nothing writes into the
-        // directory while it is removed.
-        store.close();
-        drop(store);
-        std::fs::remove_dir_all(&dir)?;
+        if let Some(l) = local {
+            l.stop().await?;
+        }
     }
     Ok(())
 }
