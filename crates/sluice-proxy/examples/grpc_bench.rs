@@ -4,13 +4,15 @@
 //! ```text
 //! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
 //!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R]
-//!     [--connections N] [--workers N] [--serve ADDR | --target ADDR [--server-pid PID]]
+//!     [--connections N] [--workers N] [--client tonic|h2]
+//!     [--serve ADDR | --target ADDR [--server-pid PID]]
 //! ```
 //!
 //! For each flush policy it opens a fresh store and measures raw `Store::append`
 //! throughput for 1 KiB messages with 64 appends in flight (median of three runs, on a
 //! runtime with one worker per core), then drives a gRPC server with generated tonic
-//! clients: unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
+//! clients (or, with `--client h2`, gRPC calls made with the `h2` crate directly, which
+//! leaves more of the 2 cores to the server; receive always uses tonic): unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
 //! request), an open-loop run at half the unbatched maximum (latency measured from the
 //! intended send time) and receive + ack throughput.
 //!
@@ -58,6 +60,8 @@ struct Args {
     server_pid: Option<u32>,
     /// Runtime worker threads of this process (2 unless told).
     workers: usize,
+    /// Load-generating client for the sends: `tonic` or `h2` (see `RawH2`).
+    client: String,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -72,6 +76,7 @@ fn args() -> anyhow::Result<Args> {
         target: None,
         server_pid: None,
         workers: 2,
+        client: "tonic".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -89,6 +94,7 @@ fn args() -> anyhow::Result<Args> {
             "--server-pid" => a.server_pid = Some(v.parse()?),
             "--workers" => a.workers = v.parse::<usize>()?.max(1),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
+            "--client" if v == "tonic" || v == "h2" => a.client = v,
             _ => anyhow::bail!("unknown argument {k}"),
         }
     }
@@ -123,6 +129,109 @@ fn message(body: &Bytes) -> v2::Message {
             ..Default::default()
         }),
         body: body.to_vec(),
+    }
+}
+
+/// A sender of `SendMessage` calls: the generated tonic client, or a lean one that speaks
+/// gRPC over the `h2` crate directly (see `RawH2`).
+#[derive(Clone)]
+enum Sender {
+    Tonic(MessagingServiceClient<Channel>),
+    H2(RawH2),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        messages: Vec<v2::Message>,
+    ) -> anyhow::Result<v2::SendMessageResponse> {
+        let r = v2::SendMessageRequest { messages };
+        match self {
+            Sender::Tonic(c) => Ok(c.send_message(req(r)).await?.into_inner()),
+            Sender::H2(c) => c.send_message(&r).await,
+        }
+    }
+}
+
+/// gRPC unary `SendMessage` over one HTTP/2 connection with the `h2` crate and nothing
+/// above it (no tower stack, no per-call channel machinery), as a C load generator like
+/// h2load would do it: a real call that the server cannot tell apart from a tonic one
+/// (same headers, length-prefixed protobuf, status read from the trailers), but with less
+/// of this machine's 2 cores spent on the generating side.
+#[derive(Clone)]
+struct RawH2 {
+    send: h2::client::SendRequest<Bytes>,
+    uri: http::Uri,
+}
+
+impl RawH2 {
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<RawH2> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        // Requests started in the same turn of the runtime leave in one write, as the
+        // server's responses do.
+        let tcp = sluice_proxy::Coalesced::new(tcp);
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(16 << 20)
+            .handshake::<_, Bytes>(tcp)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                eprintln!("h2 connection: {e}");
+            }
+        });
+        let uri =
+            format!("http://{addr}/apache.rocketmq.v2.MessagingService/SendMessage").parse()?;
+        Ok(RawH2 { send, uri })
+    }
+
+    async fn send_message(
+        &mut self,
+        r: &v2::SendMessageRequest,
+    ) -> anyhow::Result<v2::SendMessageResponse> {
+        use sluice_proto::prost::Message as _;
+        let len = r.encoded_len();
+        let mut frame = bytes::BytesMut::with_capacity(5 + len);
+        frame.extend_from_slice(&[0]); // not compressed
+        frame.extend_from_slice(&u32::try_from(len)?.to_be_bytes());
+        r.encode(&mut frame)?;
+        let request = http::Request::post(self.uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-mq-client-id", "bench@1@1")
+            .body(())?;
+        let mut send = self.send.clone().ready().await?;
+        let (response, mut stream) = send.send_request(request, false)?;
+        stream.send_data(frame.freeze(), true)?;
+        let response = response.await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "HTTP status {}",
+            response.status()
+        );
+        // A trailers-only answer (an error) carries grpc-status in the headers.
+        if let Some(s) = response.headers().get("grpc-status") {
+            anyhow::bail!("grpc-status {s:?} without a body");
+        }
+        let mut body = response.into_body();
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await?;
+        let status = trailers.as_ref().and_then(|t| t.get("grpc-status"));
+        anyhow::ensure!(status.is_some_and(|s| s == "0"), "grpc-status {status:?}");
+        anyhow::ensure!(buf.len() >= 5 && buf[0] == 0, "bad gRPC frame");
+        let n = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        anyhow::ensure!(
+            buf.len() == 5 + n,
+            "gRPC frame length {n} != {}",
+            buf.len() - 5
+        );
+        Ok(v2::SendMessageResponse::decode(&buf[5..])?)
     }
 }
 
@@ -214,7 +323,7 @@ fn slot_due(start: Instant, slot: u64, rate: f64) -> Instant {
 /// `rate` set, requests start at fixed intervals and latency counts from the intended
 /// start (no coordinated omission).
 async fn send_load(
-    clients: &[MessagingServiceClient<Channel>],
+    clients: &[Sender],
     secs: f64,
     inflight: usize,
     batch: usize,
@@ -256,20 +365,15 @@ async fn send_load(
                     }
                 };
                 let msgs = (0..batch).map(|_| message(&body)).collect();
-                let r = c
-                    .send_message(req(v2::SendMessageRequest { messages: msgs }))
-                    .await;
-                match r {
+                match c.send(msgs).await {
                     Ok(r)
-                        if r.get_ref()
-                            .status
-                            .as_ref()
-                            .is_some_and(|s| s.code() == v2::Code::Ok) =>
+                        if r.status.as_ref().is_some_and(|s| s.code() == v2::Code::Ok)
+                            && r.entries.len() == batch =>
                     {
                         sent.fetch_add(batch as u64, Ordering::Relaxed);
                         let _ = h.record(intended.elapsed().as_micros() as u64);
                     }
-                    Ok(r) => eprintln!("send failed: {:?}", r.get_ref().status),
+                    Ok(r) => eprintln!("send failed: {:?}", r.status),
                     Err(e) => eprintln!("send error: {e}"),
                 }
             }
@@ -642,13 +746,20 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             (None, Some(l)) => l.addr,
             (None, None) => unreachable!("a local server runs unless --target"),
         };
-        let mut clients = Vec::new();
+        let mut tonic_clients = Vec::new();
         for _ in 0..a.connections {
             let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
                 .tcp_nodelay(true)
                 .connect()
                 .await?;
-            clients.push(MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20));
+            tonic_clients.push(MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20));
+        }
+        let mut clients = Vec::new();
+        for c in &tonic_clients {
+            clients.push(match a.client.as_str() {
+                "h2" => Sender::H2(RawH2::connect(addr).await?),
+                _ => Sender::Tonic(c.clone()),
+            });
         }
         if want("one") {
             let one = send_load(&clients, a.seconds, 1, 1, None).await?;
@@ -704,7 +815,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             && want("receive")
         {
             let backlog = l.store.stats().appended_messages;
-            let mut c = clients[0].clone();
+            let mut c = tonic_clients[0].clone();
             let rx = receive_all(&mut c, backlog).await?;
             println!(
                 "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | | | |",

@@ -4,7 +4,8 @@
 //! `max_connections` are open at once (further ones are closed at accept), and a
 //! connection is handed to the gRPC server only after the 24-byte HTTP/2 client preface
 //! arrived within `handshake_timeout`; idle, slow (slowloris) and silent connections are
-//! closed. Nagle is switched off on every accepted stream.
+//! closed. Nagle is switched off on every accepted stream, and writes are coalesced
+//! ([`Coalesced`]).
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +23,7 @@ const PREFACE_LEN: usize = 24;
 
 /// An accepted connection holding one of the `max_connections` permits.
 pub struct Guarded {
-    inner: TcpStream,
+    inner: Coalesced<TcpStream>,
     _permit: OwnedSemaphorePermit,
     open: metrics::Gauge,
 }
@@ -36,7 +37,7 @@ impl Drop for Guarded {
 impl Connected for Guarded {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+        self.inner.get_ref().connect_info()
     }
 }
 
@@ -69,6 +70,91 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A stream whose writes are coalesced across the tasks of one runtime turn.
+///
+/// The first write after a flush is put off by one turn of the runtime: the task wakes
+/// itself and returns `Pending`, and the write goes through when it is polled again. An
+/// HTTP/2 connection task is woken by every request task that finishes a response, and
+/// tokio runs a task woken that way right after the waker (its LIFO slot), so without the
+/// extra turn each response left in a `writev` of its own: with 64 unary calls in flight,
+/// 0.9 `writev` per call and ≈ 30% of the server's CPU in the loopback/TCP send path. With
+/// it, the responses finished in the same turn share one `writev`. The cost is one more
+/// poll of the connection task per flush; nothing waits on a timer.
+pub struct Coalesced<S> {
+    inner: S,
+    /// Nothing written since the last flush: the next write waits one turn first.
+    hold_next_write: bool,
+}
+
+impl<S> Coalesced<S> {
+    pub fn new(inner: S) -> Coalesced<S> {
+        Coalesced {
+            inner,
+            hold_next_write: true,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// True for the first write since a flush, which then waits one turn (the task is
+    /// woken at once); the next write goes through.
+    fn hold(&mut self, cx: &Context<'_>) -> bool {
+        let hold = std::mem::take(&mut self.hold_next_write);
+        if hold {
+            cx.waker().wake_by_ref();
+        }
+        hold
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.hold(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if r.is_ready() {
+            self.hold_next_write = true;
+        }
+        r
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.hold(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -152,7 +238,7 @@ pub fn incoming(
                         open.add(1);
                         let _ = tx
                             .send(Ok(Guarded {
-                                inner: stream,
+                                inner: Coalesced::new(stream),
                                 _permit: permit,
                                 open,
                             }))
@@ -165,4 +251,58 @@ pub fn incoming(
         }
     });
     (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn first_write_after_flush_waits_one_turn_and_wakes() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Coalesced::new(a);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let write = |w: &mut Coalesced<_>, cx: &mut Context<'_>, data: &[u8]| {
+            Pin::new(w).poll_write(cx, data)
+        };
+        // Held once, with the task woken so it is polled again.
+        assert!(write(&mut w, &mut cx, b"ab").is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // The retry and further writes before a flush go through at once.
+        assert!(matches!(write(&mut w, &mut cx, b"ab"), Poll::Ready(Ok(2))));
+        assert!(matches!(write(&mut w, &mut cx, b"cd"), Poll::Ready(Ok(2))));
+        assert!(Pin::new(&mut w).poll_flush(&mut cx).is_ready());
+        // After a flush the next write is held again; vectored writes too.
+        let bufs = [io::IoSlice::new(b"ef")];
+        assert!(
+            Pin::new(&mut w)
+                .poll_write_vectored(&mut cx, &bufs)
+                .is_pending()
+        );
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            Pin::new(&mut w).poll_write_vectored(&mut cx, &bufs),
+            Poll::Ready(Ok(2))
+        ));
+        drop(w);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(got, b"abcdef");
+    }
 }

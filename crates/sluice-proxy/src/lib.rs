@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use sluice_broker::Messaging;
 
+pub use incoming::Coalesced;
+
 /// Settings of the access point.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
