@@ -240,6 +240,36 @@ struct Result_ {
     hist: Histogram<u64>,
     /// Share of the 2 cores this process used during the run (server and load generator).
     cpu_busy: f64,
+    /// Share of the machine's CPU time the hypervisor gave to other guests during the run
+    /// (`steal` in /proc/stat): how much of a slow run was a noisy neighbour.
+    stolen: f64,
+}
+
+/// (steal, total) clock ticks of all CPUs so far, from the first line of /proc/stat.
+fn steal_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, counted in user]
+    let total = f.iter().take(8).sum();
+    (f.get(7).copied().unwrap_or(0), total)
+}
+
+fn stolen_since((s0, t0): (u64, u64)) -> f64 {
+    let (s1, t1) = steal_ticks();
+    if t1 > t0 {
+        (s1 - s0) as f64 / (t1 - t0) as f64
+    } else {
+        0.0
+    }
 }
 
 /// CPU time (user + system) this process has used so far.
@@ -331,6 +361,7 @@ async fn send_load(
 ) -> anyhow::Result<Result_> {
     let body = Bytes::from(vec![b'x'; 1024]);
     let cpu0 = cpu_time();
+    let steal0 = steal_ticks();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let sent = Arc::new(AtomicU64::new(0));
@@ -393,6 +424,7 @@ async fn send_load(
         msgs_per_s: sent.load(Ordering::Relaxed) as f64 / wall,
         hist,
         cpu_busy: (cpu_time() - cpu0).as_secs_f64() / wall / 2.0,
+        stolen: stolen_since(steal0),
     })
 }
 
@@ -653,7 +685,11 @@ fn echo_probe(rate: f64, secs: f64) -> anyhow::Result<(f64, Histogram<u64>)> {
 /// "busy% | µs per request" for a run whose requests carried `batch` messages each.
 fn cpu(r: &Result_, batch: usize) -> String {
     let per_req = r.cpu_busy * 2.0 / (r.msgs_per_s / batch as f64) * 1e6;
-    format!("{:.0}% | {per_req:.0}", 100.0 * r.cpu_busy)
+    format!(
+        "{:.0}% | {per_req:.0} | {:.0}%",
+        100.0 * r.cpu_busy,
+        100.0 * r.stolen
+    )
 }
 
 fn lat(h: &Histogram<u64>) -> String {
@@ -694,9 +730,9 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         a.seconds
     );
     println!(
-        "| flush | run | msgs/s | of store rate | latency p50 / p99 / p99.9 | CPU busy (2 cores) | CPU µs per request |"
+        "| flush | run | msgs/s | of store rate | latency p50 / p99 / p99.9 | CPU busy (2 cores) | CPU µs per request | CPU stolen |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (fname, flush) in [
         (
             "async",
@@ -722,7 +758,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         };
         std::fs::remove_dir_all(&base_dir)?;
         println!(
-            "| {fname} | store append, 64 in flight (median of {BASELINE_RUNS}{spread}) | {base:.0} | 100% | | | |"
+            "| {fname} | store append, 64 in flight (median of {BASELINE_RUNS}{spread}) | {base:.0} | 100% | | | | |"
         );
 
         let dir = a.dir.join(format!("{fname}-server"));
@@ -796,7 +832,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             let (secs, echo_rate) = (a.seconds, half.min(ECHO_MAX_RATE));
             let echo = tokio::task::spawn_blocking(move || echo_probe(echo_rate, secs)).await??;
             println!(
-                "| {fname} | baseline: TCP echo on loopback (no gRPC), 1 KiB at {echo_rate:.0}/s, 1 in flight | {:.0} | | {} from intended send time | | |",
+                "| {fname} | baseline: TCP echo on loopback (no gRPC), 1 KiB at {echo_rate:.0}/s, 1 in flight | {:.0} | | {} from intended send time | | | |",
                 echo.0,
                 lat(&echo.1),
             );
@@ -818,7 +854,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             let mut c = tonic_clients[0].clone();
             let rx = receive_all(&mut c, backlog).await?;
             println!(
-                "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | | | |",
+                "| {fname} | receive + ack, batches of 64, 1 consumer | {rx:.0} | {:.0}% | | | | |",
                 100.0 * rx / base
             );
         }

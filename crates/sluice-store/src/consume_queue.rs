@@ -14,8 +14,13 @@
 //!
 //! Invariants: entry `n` of a queue lives at byte `(n - file_start) * 28` of its file; a
 //! queue's commit-log offsets increase with the queue offset; an all-zero entry is a hole
-//! (skipped by readers). Write: only the store's writer thread appends. Read: readers see
-//! entries below `visible`, which moves after the record is durable (Sync) or written (Async).
+//! (skipped by readers). Write: only the store's writer appends. New entries at the end are
+//! collected in an in-memory tail and written to the file `TAIL_ENTRIES` at a time (or when
+//! the store checkpoints, closes or bounds the memory of all tails), so appends do not pay a
+//! `pwrite` per queue per batch; losing the tail in a crash is what recovery repairs anyway
+//! (the checkpoint is written only after the tails below it are in the files). Read:
+//! readers see entries below `visible`, which moves after the record is durable (Sync) or
+//! written (Async), from the files or from the tail.
 //! Recover: entries that point past the valid end of the commit log are cut off, and missing
 //! ones are written again by replaying the commit log. Delete: retention drops files whose
 //! every entry points below the commit log's minimum offset.
@@ -26,11 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::fs::{VFile, Vfs, join, offset_name, parse_offset_name};
 
 pub const CQ_ENTRY_SIZE: u64 = 28;
+
+/// Entries a queue collects in memory before writing them out (just under 4 KiB).
+pub const TAIL_ENTRIES: usize = 146;
 
 /// One consume-queue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +86,19 @@ pub fn tag_hash(tag: &str) -> u64 {
     if h == 0 { 1 } else { h }
 }
 
+/// Entries at the end of a queue that are not in its files yet.
+struct Tail {
+    /// Queue offset of the first; everything below it is in the files.
+    first: u64,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64 / CQ_ENTRY_SIZE
+    }
+}
+
 pub(crate) struct ConsumeQueue {
     pub topic: String,
     pub queue_id: u32,
@@ -86,8 +107,10 @@ pub(crate) struct ConsumeQueue {
     files: RwLock<BTreeMap<u64, Arc<dyn VFile>>>,
     /// Lowest offset still readable (moved by retention).
     pub min_offset: AtomicU64,
-    /// Entries written to the files (next offset to assign). Writer thread only.
+    /// Entries written, to the files or the tail (next offset to assign). Writer only.
     pub written: AtomicU64,
+    /// Entries not yet in the files, encoded, for offsets `tail.first..written`.
+    tail: Mutex<Tail>,
     /// Entries readers may see.
     pub visible: AtomicU64,
     /// Entries known durable on disk.
@@ -148,6 +171,10 @@ impl ConsumeQueue {
             files: RwLock::new(files),
             min_offset: AtomicU64::new(min),
             written: AtomicU64::new(next),
+            tail: Mutex::new(Tail {
+                first: next,
+                bytes: Vec::new(),
+            }),
             visible: AtomicU64::new(next),
             synced: AtomicU64::new(next),
             dirty: AtomicBool::new(false),
@@ -174,28 +201,85 @@ impl ConsumeQueue {
         Ok(Some(f))
     }
 
-    /// Writes entries for offsets `first..first + entries.len()`.
+    /// Writes entries for offsets `first..first + entries.len()`. Entries that continue the
+    /// queue go to the tail (written out once it holds `TAIL_ENTRIES`); any other position
+    /// (recovery rewriting or leaving a hole) is written to the files at once.
     pub fn write(&self, vfs: &dyn Vfs, first: u64, entries: &[CqEntry]) -> io::Result<()> {
-        let mut off = first;
-        let mut rest = entries;
-        let mut buf = Vec::with_capacity(entries.len() * CQ_ENTRY_SIZE as usize);
-        while !rest.is_empty() {
-            let start = off / self.entries_per_file * self.entries_per_file;
-            let room = (start + self.entries_per_file - off) as usize;
-            let (now, later) = rest.split_at(room.min(rest.len()));
-            buf.clear();
-            for e in now {
+        let mut tail = self.tail.lock();
+        if first == tail.first + tail.len() {
+            for e in entries {
+                e.encode(&mut tail.bytes);
+            }
+            if tail.len() >= TAIL_ENTRIES as u64 {
+                self.write_tail(vfs, &mut tail)?;
+            }
+        } else {
+            self.write_tail(vfs, &mut tail)?;
+            let mut buf = Vec::with_capacity(entries.len() * CQ_ENTRY_SIZE as usize);
+            for e in entries {
                 e.encode(&mut buf);
             }
+            self.write_files(vfs, first, &buf)?;
+            tail.first = tail.first.max(first + entries.len() as u64);
+        }
+        self.written
+            .fetch_max(first + entries.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes the tail to the files (the store's checkpoint, close and memory bound).
+    pub fn flush_tail(&self, vfs: &dyn Vfs) -> io::Result<()> {
+        self.write_tail(vfs, &mut self.tail.lock())
+    }
+
+    /// Entries in the tail.
+    #[cfg(test)]
+    pub fn tail_len(&self) -> u64 {
+        self.tail.lock().len()
+    }
+
+    fn write_tail(&self, vfs: &dyn Vfs, tail: &mut Tail) -> io::Result<()> {
+        if tail.bytes.is_empty() {
+            return Ok(());
+        }
+        self.write_files(vfs, tail.first, &tail.bytes)?;
+        tail.first += tail.len();
+        tail.bytes.clear();
+        Ok(())
+    }
+
+    /// Writes encoded entries for offsets from `first` into the files, creating them as
+    /// needed.
+    fn write_files(&self, vfs: &dyn Vfs, first: u64, mut rest: &[u8]) -> io::Result<()> {
+        let mut off = first;
+        while !rest.is_empty() {
+            let start = off / self.entries_per_file * self.entries_per_file;
+            let room = ((start + self.entries_per_file - off) * CQ_ENTRY_SIZE) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
             let f = self
                 .file_for(vfs, start, true)?
                 .ok_or_else(|| io::Error::other("no file"))?;
-            f.write_all_at(&buf, (off - start) * CQ_ENTRY_SIZE)?;
-            off += now.len() as u64;
+            f.write_all_at(now, (off - start) * CQ_ENTRY_SIZE)?;
+            off += now.len() as u64 / CQ_ENTRY_SIZE;
             rest = later;
         }
-        self.written.fetch_max(off, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Copies the tail's entries for `from..end` (those at or above the tail's first) into
+    /// `out`, and returns the tail's first offset: entries below it are in the files.
+    fn read_tail(&self, from: u64, end: u64, out: &mut Vec<CqEntry>) -> u64 {
+        let tail = self.tail.lock();
+        let lo = from.max(tail.first);
+        let hi = end.min(tail.first + tail.len());
+        if lo < hi {
+            let a = ((lo - tail.first) * CQ_ENTRY_SIZE) as usize;
+            let b = ((hi - tail.first) * CQ_ENTRY_SIZE) as usize;
+            for c in tail.bytes[a..b].chunks_exact(CQ_ENTRY_SIZE as usize) {
+                out.push(CqEntry::decode(c).unwrap_or_default());
+            }
+        }
+        tail.first
     }
 
     /// Reads up to `max` entries from `from`, stopping at `visible`.
@@ -204,6 +288,15 @@ impl ConsumeQueue {
             .visible
             .load(Ordering::Acquire)
             .min(from.saturating_add(max));
+        let mut from_tail = Vec::new();
+        let in_files = self.read_tail(from, end, &mut from_tail);
+        let mut out = self.read_files(vfs, from, end.min(in_files))?;
+        out.append(&mut from_tail);
+        Ok(out)
+    }
+
+    /// Reads the entries `from..end` from the files (all of them must be there).
+    fn read_files(&self, vfs: &dyn Vfs, from: u64, end: u64) -> io::Result<Vec<CqEntry>> {
         let mut out = Vec::new();
         let mut off = from;
         let mut buf = Vec::new();
@@ -234,6 +327,10 @@ impl ConsumeQueue {
         if offset >= self.written.load(Ordering::Acquire) {
             return Ok(None);
         }
+        let mut from_tail = Vec::new();
+        if offset >= self.read_tail(offset, offset + 1, &mut from_tail) {
+            return Ok(from_tail.into_iter().next());
+        }
         let start = offset / self.entries_per_file * self.entries_per_file;
         let Some(f) = self.file_for(vfs, start, false)? else {
             return Ok(None);
@@ -245,6 +342,9 @@ impl ConsumeQueue {
 
     /// Drops entries at and after `next` (recovery).
     pub fn truncate(&self, vfs: &dyn Vfs, next: u64) -> io::Result<()> {
+        let mut tail = self.tail.lock();
+        self.write_tail(vfs, &mut tail)?;
+        tail.first = next;
         let mut files = self.files.write();
         let starts: Vec<u64> = files.keys().copied().collect();
         for start in starts {
@@ -280,7 +380,8 @@ impl ConsumeQueue {
         // Clear the flag before reading `written`: entries the writer adds from now on mark
         // the queue dirty again, so no checkpoint can miss them.
         self.dirty.store(false, Ordering::Release);
-        let written = self.written.load(Ordering::Acquire);
+        self.flush_tail(vfs)?;
+        let written = self.tail.lock().first;
         let synced = self.synced.load(Ordering::Acquire);
         if written > synced {
             let files: Vec<Arc<dyn VFile>> = self
@@ -374,6 +475,7 @@ mod tests {
         assert_eq!(q.read(&fs, 3, 4).expect("read"), entries[3..7].to_vec());
         assert_eq!(q.offset_for_time(&fs, 1005).expect("time"), 5);
         assert_eq!(q.offset_for_time(&fs, 99_999).expect("time"), 10);
+        q.flush_tail(&fs).expect("flush");
         drop(q);
         let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4).expect("reopen");
         assert!(!damaged);
@@ -396,6 +498,7 @@ mod tests {
         let fs = StdFs;
         let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("open");
         q.write(&fs, 0, &[e(0), e(1)]).expect("write");
+        q.flush_tail(&fs).expect("flush");
         drop(q);
         let path = dir.path().join("t").join("1").join(offset_name(0));
         let f = std::fs::OpenOptions::new()
@@ -406,5 +509,91 @@ mod tests {
         let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("reopen");
         assert!(damaged);
         assert_eq!(q.written.load(Ordering::SeqCst), 1);
+    }
+
+    fn file_entries(dir: &Path) -> u64 {
+        std::fs::read_dir(dir.join("t").join("2"))
+            .expect("dir")
+            .map(|f| f.expect("entry").metadata().expect("meta").len() / CQ_ENTRY_SIZE)
+            .sum()
+    }
+
+    #[test]
+    fn tail_collects_entries_until_full_and_is_readable_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = StdFs;
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("open");
+        let n = TAIL_ENTRIES as u64;
+        let entries: Vec<_> = (0..2 * n + 5).map(e).collect();
+        // One short of a full tail: nothing in the files yet, all of it readable.
+        for (i, x) in entries[..n as usize - 1].iter().enumerate() {
+            q.write(&fs, i as u64, std::slice::from_ref(x))
+                .expect("write");
+        }
+        assert_eq!(file_entries(dir.path()), 0);
+        assert_eq!(q.tail_len(), n - 1);
+        q.visible.store(n - 1, Ordering::SeqCst);
+        assert_eq!(
+            q.read(&fs, 0, 1000).expect("read"),
+            entries[..n as usize - 1]
+        );
+        assert_eq!(q.entry_written(&fs, 7).expect("entry"), Some(e(7)));
+        // The entry that fills it writes the tail out (across the 100-entry files).
+        q.write(&fs, n - 1, &entries[n as usize - 1..n as usize + 5])
+            .expect("write");
+        assert_eq!(file_entries(dir.path()), n + 5);
+        assert_eq!(q.tail_len(), 0);
+        q.write(&fs, n + 5, &entries[n as usize + 5..])
+            .expect("write");
+        q.visible.store(2 * n + 5, Ordering::SeqCst);
+        // A read spanning files and tail, and one inside each.
+        assert_eq!(q.read(&fs, 0, 1000).expect("read"), entries);
+        assert_eq!(
+            q.read(&fs, n, 10).expect("read"),
+            entries[n as usize..n as usize + 10]
+        );
+        assert_eq!(
+            q.read(&fs, 2 * n, 3).expect("read"),
+            entries[2 * n as usize..2 * n as usize + 3]
+        );
+        assert_eq!(
+            q.offset_for_time(&fs, 1000 + 2 * n as i64).expect("time"),
+            2 * n
+        );
+        // Dropped without a sync, the tail is gone (recovery rebuilds it from the commit
+        // log); a sync writes it first.
+        q.sync(&fs, dir.path()).expect("sync");
+        assert_eq!(file_entries(dir.path()), 2 * n + 5);
+        q.write(&fs, 2 * n + 5, &[e(2 * n + 5)]).expect("write");
+        drop(q);
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("reopen");
+        assert!(!damaged);
+        assert_eq!(q.max_offset(), 2 * n + 5);
+        assert_eq!(q.read(&fs, 0, 1000).expect("read"), entries);
+    }
+
+    #[test]
+    fn writes_out_of_sequence_go_to_the_files_after_the_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = StdFs;
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("open");
+        q.write(&fs, 0, &[e(0), e(1)]).expect("write");
+        // A hole (recovery of a queue with a gap): the tail goes first, then the entry.
+        q.write(&fs, 5, &[e(5)]).expect("write");
+        assert_eq!(q.tail_len(), 0);
+        q.write(&fs, 6, &[e(6)]).expect("write");
+        assert_eq!(q.tail_len(), 1);
+        // Rewriting below the end (recovery replaying entries it already has).
+        q.write(&fs, 1, &[e(1)]).expect("write");
+        q.visible.store(7, Ordering::SeqCst);
+        let got = q.read(&fs, 0, 100).expect("read");
+        assert_eq!(got.len(), 7);
+        assert_eq!((got[0], got[1], got[5], got[6]), (e(0), e(1), e(5), e(6)));
+        assert!(got[2].is_hole() && got[4].is_hole());
+        q.truncate(&fs, 6).expect("truncate");
+        assert_eq!(q.entry_written(&fs, 6).expect("entry"), None);
+        q.write(&fs, 6, &[e(9)]).expect("write");
+        q.visible.store(7, Ordering::SeqCst);
+        assert_eq!(q.entry(&fs, 6).expect("entry"), Some(e(9)));
     }
 }

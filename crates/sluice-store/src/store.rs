@@ -253,6 +253,13 @@ fn register_collector(shared: &Arc<Shared>) {
                 s.appended_messages.load(Ordering::Relaxed) as f64,
             ),
             (
+                "sluice_store_write_batches_total".into(),
+                "Batches written to the commit log (appended messages / batches = mean batch size).".into(),
+                "counter",
+                vec![],
+                s.batches.load(Ordering::Relaxed) as f64,
+            ),
+            (
                 "sluice_store_fenced".into(),
                 "1 when the store refuses writes after a failed fsync.".into(),
                 "gauge",
@@ -748,7 +755,26 @@ impl Store {
     /// messages of one call are stored contiguously and in order.
     pub async fn append(&self, msgs: Vec<AppendMessage>) -> Result<Vec<AppendResult>, StoreError> {
         let t = Instant::now();
-        let rx = self.submit(msgs)?;
+        let rx = match &self.inline {
+            Some(c) => {
+                let (rx, leader) = self.queue_inline(c, msgs)?;
+                // The appender that finds the queue empty leads the batch: it lets the
+                // appenders that are ready in this turn of the runtime queue theirs, and one
+                // turn later writes them all with one `pwrite` (and one consume-queue write
+                // per queue). Without the wait, appenders on one runtime thread ran one after
+                // another and every append was a batch of one. The others only wait for
+                // their reply: the leader, or a combiner that found the writer busy and
+                // whose holder re-checks the queue, takes their requests with the rest. If
+                // the leader's future is dropped while it waits, the guard writes instead.
+                if leader {
+                    let guard = CombineOnDrop(c);
+                    YieldOnce(false).await;
+                    drop(guard);
+                }
+                rx
+            }
+            None => self.submit(msgs)?,
+        };
         let r = rx.await.map_err(|_| StoreError::Closed)?;
         self.shared.metrics.append.observe_duration(t.elapsed());
         r
@@ -770,12 +796,12 @@ impl Store {
         if let Some(e) = self.shared.fenced_error() {
             return Err(e);
         }
-        let (reply, rx) = oneshot::channel();
         if let Some(c) = &self.inline {
-            c.queue.lock().push(Request { msgs, reply });
+            let (rx, _) = self.queue_inline(c, msgs)?;
             c.combine(1);
             return Ok(rx);
         }
+        let (reply, rx) = oneshot::channel();
         let tx = self.tx.read();
         let tx = tx.as_ref().ok_or(StoreError::Closed)?;
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
@@ -784,6 +810,31 @@ impl Store {
             return Err(StoreError::Closed);
         }
         Ok(rx)
+    }
+
+    /// Async mode: queues a request for a combiner, and says whether the queue was empty
+    /// (the caller then has to run the combiner; otherwise whoever queued the first request
+    /// of the queue does).
+    #[allow(clippy::type_complexity)]
+    fn queue_inline(
+        &self,
+        c: &Combiner,
+        msgs: Vec<AppendMessage>,
+    ) -> Result<
+        (
+            oneshot::Receiver<Result<Vec<AppendResult>, StoreError>>,
+            bool,
+        ),
+        StoreError,
+    > {
+        if let Some(e) = self.shared.fenced_error() {
+            return Err(e);
+        }
+        let (reply, rx) = oneshot::channel();
+        let mut q = c.queue.lock();
+        let leader = q.is_empty();
+        q.push(Request { msgs, reply });
+        Ok((rx, leader))
     }
 
     /// Called with (topic, queue id, new max offset) whenever records become visible.
@@ -1218,6 +1269,34 @@ impl Combiner {
     }
 }
 
+/// Runs one combining round when dropped (see [`Store::append`]).
+struct CombineOnDrop<'a>(&'a Combiner);
+
+impl Drop for CombineOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.combine(1);
+    }
+}
+
+/// Pending once (waking its task at once), then ready: gives the other tasks that are ready
+/// to run a turn first. Runtime-agnostic, unlike `tokio::task::yield_now`.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// Per-queue state owned by the writer.
 struct WriterQueue {
     cq: Arc<ConsumeQueue>,
@@ -1243,9 +1322,16 @@ struct Writer {
     by_name: HashMap<String, HashMap<u32, usize>>,
     buf: Vec<u8>,
     unflushed: u64,
+    /// Consume-queue entries written since the tails were last written out (an upper bound
+    /// of what all tails hold; checkpoints also empty them).
+    cq_buffered: usize,
     last_space_check: Option<Instant>,
     space_error: Option<(u64, u64)>,
 }
+
+/// Bound on the consume-queue entries all queues' tails hold in memory (≈ 1.8 MiB): past
+/// it the writer writes every tail out, so a million queues cannot each keep a full tail.
+const CQ_TAIL_BUDGET: usize = 1 << 16;
 
 impl Writer {
     fn new(
@@ -1269,6 +1355,7 @@ impl Writer {
             by_name: HashMap::new(),
             buf: Vec::with_capacity(1 << 20),
             unflushed: 0,
+            cq_buffered: 0,
             last_space_check: None,
             space_error: None,
         }
@@ -1479,6 +1566,7 @@ impl Writer {
         let vfs = self.shared.vfs.clone();
         for &qi in &touched {
             let wq = &mut self.queues[qi];
+            self.cq_buffered += wq.pending.len();
             wq.cq
                 .write(vfs.as_ref(), wq.pending_first, &wq.pending)
                 .map_err(|e| StoreError::io("write consume queue", &self.shared.cq_root, e))?;
@@ -1486,6 +1574,14 @@ impl Writer {
             if !wq.cq.dirty.swap(true, Ordering::AcqRel) {
                 self.shared.dirty_queues.lock().push(wq.cq.clone());
             }
+        }
+        if self.cq_buffered > CQ_TAIL_BUDGET {
+            for wq in &self.queues {
+                wq.cq
+                    .flush_tail(vfs.as_ref())
+                    .map_err(|e| StoreError::io("write consume queue", &self.shared.cq_root, e))?;
+            }
+            self.cq_buffered = 0;
         }
         self.shared
             .index
