@@ -626,6 +626,52 @@ async fn store_baseline(
     Ok(total as f64 / t.elapsed().as_secs_f64())
 }
 
+/// The CPUs' own pauses: one thread per CPU, pinned to it, reads the clock in a loop for
+/// `secs`; any gap between two reads is time the thread did not run (the hypervisor took
+/// the vCPU, or an interrupt or another task did). Run with the machine otherwise idle.
+/// Returns, per CPU, (share of time in gaps over 1 ms, gaps over 1 ms per second, longest
+/// gap in ms). A request in flight during such a gap waits it out, so where gaps of over
+/// 1 ms fill more than 1% of the time, a p99 under 1–2 ms is out of reach for any server.
+fn hiccup_probe(secs: f64) -> Vec<(f64, f64, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let threads: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+                // sched_setaffinity (0 = this thread) get valid pointers and size.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                let start = Instant::now();
+                let (mut last, mut big, mut n, mut max) =
+                    (start, Duration::ZERO, 0u64, Duration::ZERO);
+                loop {
+                    let now = Instant::now();
+                    let gap = now - last;
+                    if gap > Duration::from_millis(1) {
+                        big += gap;
+                        n += 1;
+                    }
+                    max = max.max(gap);
+                    last = now;
+                    if now - start >= Duration::from_secs_f64(secs) {
+                        break;
+                    }
+                }
+                let el = start.elapsed().as_secs_f64();
+                (big.as_secs_f64() / el, n as f64 / el, max.as_secs_f64() * 1e3)
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or((f64::NAN, f64::NAN, f64::NAN)))
+        .collect()
+}
+
 /// Fastest rate of the loopback echo probe (see `echo_probe`).
 const ECHO_MAX_RATE: f64 = 5000.0;
 
@@ -830,6 +876,17 @@ async fn bench(a: Args) -> anyhow::Result<()> {
             // One blocking round trip at a time keeps up with ≈ 5,000/s here (thread
             // wake-ups on both sides), so the probe runs at most that fast.
             let (secs, echo_rate) = (a.seconds, half.min(ECHO_MAX_RATE));
+            let hiccups = tokio::task::spawn_blocking(move || hiccup_probe(secs)).await?;
+            let per_cpu: Vec<String> = hiccups
+                .iter()
+                .map(|(share, rate, max)| {
+                    format!("{:.2}% ({rate:.1}/s, max {max:.1} ms)", 100.0 * share)
+                })
+                .collect();
+            println!(
+                "| {fname} | baseline: CPU pauses (a pinned thread per CPU reading the clock, idle machine): time in gaps over 1 ms | | | {} | | | |",
+                per_cpu.join(" / ")
+            );
             let echo = tokio::task::spawn_blocking(move || echo_probe(echo_rate, secs)).await??;
             println!(
                 "| {fname} | baseline: TCP echo on loopback (no gRPC), 1 KiB at {echo_rate:.0}/s, 1 in flight | {:.0} | | {} from intended send time | | | |",
