@@ -662,7 +662,11 @@ fn hiccup_probe(secs: f64) -> Vec<(f64, f64, f64)> {
                     }
                 }
                 let el = start.elapsed().as_secs_f64();
-                (big.as_secs_f64() / el, n as f64 / el, max.as_secs_f64() * 1e3)
+                (
+                    big.as_secs_f64() / el,
+                    n as f64 / el,
+                    max.as_secs_f64() * 1e3,
+                )
             })
         })
         .collect();
