@@ -793,13 +793,13 @@ impl Store {
         &self,
         msgs: Vec<AppendMessage>,
     ) -> Result<oneshot::Receiver<Result<Vec<AppendResult>, StoreError>>, StoreError> {
-        if let Some(e) = self.shared.fenced_error() {
-            return Err(e);
-        }
         if let Some(c) = &self.inline {
             let (rx, _) = self.queue_inline(c, msgs)?;
             c.combine(1);
             return Ok(rx);
+        }
+        if let Some(e) = self.shared.fenced_error() {
+            return Err(e);
         }
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.read();
