@@ -5,6 +5,7 @@
 //! cargo run --release -p sluice-store --example store_bench -- [--dir PATH] [--seconds N]
 //!     [--repeats N] [--recovery-mib N] [--quick] [--fsync-delay-ms N]
 //!     [--flush sync|async] [--inflight N]   (only those runs, no reads/recovery: profiling)
+//!     [--zero-ahead BYTES]   (the store's `zero_ahead`; default its own, 0 turns it off)
 //! ```
 //!
 //! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
@@ -61,11 +62,17 @@ fn parse_args() -> anyhow::Result<Args> {
             "--fsync-delay-ms" => a.fsync_delay_ms = v()?.parse()?,
             "--flush" => a.only_flush = Some(v()?),
             "--inflight" => a.only_inflight = Some(v()?.parse()?),
+            "--zero-ahead" => {
+                let _ = ZERO_AHEAD.set(v()?.parse()?);
+            }
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     Ok(a)
 }
+
+/// `--zero-ahead`: overrides the store's default.
+static ZERO_AHEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -178,6 +185,9 @@ fn append_run(
     cfg.retention = None;
     cfg.index_slots = 1 << 16;
     cfg.index_entries = 1 << 20;
+    if let Some(z) = ZERO_AHEAD.get() {
+        cfg.zero_ahead = *z;
+    }
     let store = Arc::new(open_store(cfg, fsync_delay_ms)?);
     let body = Bytes::from(vec![0xA5u8; 16 << 10]);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);

@@ -101,6 +101,13 @@ impl CommitLog {
         }
     }
 
+    /// Start of the segment after the one that starts at `start` (None for the last one).
+    pub fn next_start(&self, start: u64) -> Option<u64> {
+        let segs = self.segments.read();
+        let i = segs.partition_point(|s| s.start <= start);
+        segs.get(i).map(|s| s.start)
+    }
+
     /// Creates the segment starting at `start` (writer thread).
     pub fn roll(&self, start: u64) -> io::Result<Arc<Segment>> {
         let path = join(&self.dir, &offset_name(start));

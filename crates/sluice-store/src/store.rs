@@ -708,7 +708,15 @@ impl Store {
             let mut n = written;
             while n > q.min_offset.load(Ordering::Acquire) {
                 match q.entry_written(vfs.as_ref(), n - 1) {
-                    Ok(Some(e)) if !e.is_hole() && e.clog_offset + e.size as u64 <= end => break,
+                    // Entries come from disk: a corrupt one may point anywhere.
+                    Ok(Some(e))
+                        if !e.is_hole()
+                            && e.clog_offset
+                                .checked_add(e.size as u64)
+                                .is_some_and(|x| x <= end) =>
+                    {
+                        break;
+                    }
                     Ok(_) => n -= 1,
                     Err(e) => return Err(StoreError::io("read consume queue", &shared.cq_root, e)),
                 }
@@ -947,20 +955,34 @@ impl Store {
         const GAP: u64 = 64 << 10;
         let clog = &self.shared.clog;
         let mut out = Vec::with_capacity(chosen.len());
+        let written = self.shared.written.load(Ordering::Acquire);
         let mut i = 0;
         while i < chosen.len() {
             let first = chosen[i].1;
             let seg = clog
                 .segment_for(first.clog_offset)
                 .ok_or(StoreError::OffsetGone(first.clog_offset))?;
-            let seg_end = clog
-                .segment_for(seg.start + clog.segment_size)
-                .map(|s| s.start)
-                .unwrap_or(u64::MAX);
+            let seg_end = clog.next_start(seg.start).unwrap_or(u64::MAX);
+            // Consume-queue entries come from disk: before one sizes a read it must lie in
+            // the written part of one segment, as every record does.
+            let data_end = seg_end.min(written);
+            let end_of = |qoff: u64, e: &CqEntry| -> Result<u64, StoreError> {
+                match e.clog_offset.checked_add(e.size as u64) {
+                    Some(end) if end <= data_end => Ok(end),
+                    _ => Err(clog.corrupt(
+                        e.clog_offset,
+                        format!(
+                            "consume-queue entry at queue offset {qoff} gives {} bytes at {}, \
+                             past the end of the segment's data ({data_end})",
+                            e.size, e.clog_offset
+                        ),
+                    )),
+                }
+            };
+            let mut end = end_of(chosen[i].0, &first)?;
             let mut j = i + 1;
-            let mut end = first.clog_offset + first.size as u64;
             while j < chosen.len() {
-                let e = chosen[j].1;
+                let (qoff, e) = chosen[j];
                 if e.clog_offset < end
                     || e.clog_offset > end + GAP
                     || e.clog_offset >= seg_end
@@ -968,7 +990,7 @@ impl Store {
                 {
                     break;
                 }
-                end = e.clog_offset + e.size as u64;
+                end = end_of(qoff, &e)?;
                 j += 1;
             }
             let span = clog.read_bytes(first.clog_offset, (end - first.clog_offset) as usize)?;

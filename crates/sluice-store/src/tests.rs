@@ -657,6 +657,58 @@ fn truncated_or_missing_queue_files_are_rebuilt() {
 }
 
 #[test]
+fn garbage_queue_entries_give_errors_not_panics_or_huge_reads() {
+    // Found by the `store_open` fuzz target: an entry whose offset + size overflowed u64
+    // panicked recovery's tail check, and a read trusted an entry's size to size its buffer.
+    let (dir, c) = fixture();
+    let qfile = dir
+        .path()
+        .join("consumequeue/f/0")
+        .join(format!("{:020}", 0));
+    let entry = |clog_offset: u64, size: u32| {
+        let mut b = [0u8; 28];
+        b[0..8].copy_from_slice(&clog_offset.to_le_bytes());
+        b[8..12].copy_from_slice(&size.to_le_bytes());
+        b
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&qfile)
+        .expect("open");
+    let mut b = std::fs::read(&qfile).expect("read");
+    // Entry 5 claims 4 GiB from its own record on; entry 6 sits at the top of the u64 range.
+    let e5 = CqEntry::decode(&b[5 * 28..6 * 28]).expect("entry 5");
+    b[5 * 28..6 * 28].copy_from_slice(&entry(e5.clog_offset, u32::MAX));
+    b[6 * 28..7 * 28].copy_from_slice(&entry(u64::MAX - 3, 100));
+    std::os::unix::fs::FileExt::write_all_at(&f, &b, 0).expect("write");
+    drop(f);
+    let s = Store::open(c.clone()).expect("reopen");
+    for from in [5, 6] {
+        match s.read("f", 0, from, 1, 1 << 20, |_| true) {
+            Err(StoreError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("consume-queue entry"), "{reason}")
+            }
+            other => panic!("queue offset {from}: {other:?}"),
+        }
+    }
+    // The other entries still read.
+    let good = s.read("f", 0, 0, 5, 1 << 20, |_| true).expect("read");
+    assert_eq!(good.messages.len(), 5);
+    drop(s);
+    // The same garbage right after the last entry is cut by recovery.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&qfile)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &entry(u64::MAX - 3, 100), 100 * 28)
+        .expect("append");
+    drop(f);
+    std::fs::remove_file(dir.path().join("checkpoint")).expect("rm");
+    let s = Store::open(c).expect("reopen");
+    assert_eq!(s.queue_offsets("f", 0).1, 100);
+}
+
+#[test]
 fn damaged_checkpoint_falls_back_to_full_verification() {
     let (dir, c) = fixture();
     std::fs::write(dir.path().join("checkpoint"), b"garbage").expect("write");

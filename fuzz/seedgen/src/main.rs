@@ -31,6 +31,7 @@ fn main() {
     write(&out, "receipt_handle", receipt_handle_seeds());
     write(&out, "sql_filter", sql_filter_seeds());
     write(&out, "grpc_request", grpc_request_seeds());
+    write(&out, "store_open", store_open_seeds());
 }
 
 fn write(root: &Path, target: &str, seeds: Seeds) {
@@ -148,6 +149,139 @@ fn read_single_file(dir: &Path) -> Vec<u8> {
         .collect();
     assert_eq!(files.len(), 1, "expected one file in {}", dir.display());
     fs::read(&files[0]).expect("read store file")
+}
+
+/// The `store_open` target's settings (see `fuzz_targets/store_open.rs`).
+fn store_open_config(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::small(dir);
+    c.segment_size = 16 << 10;
+    c.max_record_size = 4 << 10;
+    c.cq_entries_per_file = 32;
+    c.index_slots = 64;
+    c.index_entries = 128;
+    c.zero_ahead = 0;
+    c
+}
+
+/// The `store_open` target's paths, in its order (`which` byte = index).
+const STORE_OPEN_FILES: [&str; 11] = [
+    "checkpoint",
+    "commitlog/00000000000000000000",
+    "commitlog/<start>",
+    "consumequeue/t/0/00000000000000000000",
+    "consumequeue/t/1/00000000000000000000",
+    "consumequeue/t/0/00000000000000000032",
+    "consumequeue/u/3/00000000000000000000",
+    "index/00000000000000000000",
+    "index/00000000000000000001",
+    "consumequeue/t/7",
+    "commitlog/00000000000000000000.tmp",
+];
+
+/// Packs the files of a data directory that the target knows into its archive format:
+/// `[which: u8][len: u32 LE][bytes]` per file. Trailing zeros (the reserved end of an
+/// active segment or queue file) are left out: they read the same as a shorter file.
+fn pack(dir: &Path, skip: &[usize], cut: Option<(usize, usize)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, rel) in STORE_OPEN_FILES.iter().enumerate() {
+        let (path, prefix) = if *rel == "commitlog/<start>" {
+            // The second segment, named by its start offset: the offset goes first.
+            let mut names: Vec<String> = fs::read_dir(dir.join("commitlog"))
+                .expect("list segments")
+                .map(|e| {
+                    e.expect("dir entry")
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            names.sort();
+            let Some(second) = names.get(1) else {
+                continue;
+            };
+            let start: u64 = second.parse().expect("segment name is an offset");
+            (
+                dir.join("commitlog").join(second),
+                start.to_le_bytes().to_vec(),
+            )
+        } else {
+            (dir.join(rel), Vec::new())
+        };
+        let Ok(mut b) = fs::read(path) else {
+            continue;
+        };
+        if skip.contains(&i) {
+            continue;
+        }
+        let end = b.iter().rposition(|x| *x != 0).map_or(0, |p| p + 1);
+        b.truncate(end);
+        if let Some((which, keep)) = cut
+            && which == i
+        {
+            b.truncate(keep.min(b.len()));
+        }
+        out.push(i as u8);
+        out.extend_from_slice(&((prefix.len() + b.len()) as u32).to_le_bytes());
+        out.extend_from_slice(&prefix);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// Whole data directories written by a real store: two segments, two consume-queue files
+/// of one queue, index entries for ids and keys, a checkpoint; and damaged variants.
+fn store_open_seeds() -> Seeds {
+    let dir = std::env::temp_dir().join(format!("sluice-fuzz-seedgen-open-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let store = Store::open(store_open_config(&dir)).expect("open store");
+    let body = vec![b'b'; 300];
+    for i in 0..100u32 {
+        let (topic, queue) = match i % 5 {
+            0 => ("u", 3),
+            1 => ("t", 1),
+            _ => ("t", 0),
+        };
+        let id = format!("id-{i}");
+        let key = format!("k{}", i % 4);
+        store
+            .append_blocking(vec![msg(
+                topic,
+                queue,
+                &[(PROP_MSG_ID, &id), (PROP_KEYS, &key), (PROP_TAGS, "TagA")],
+                &body[..(i as usize * 37) % 300],
+            )])
+            .expect("append");
+    }
+    store.close();
+    drop(store);
+    let segments = fs::read_dir(dir.join("commitlog")).expect("list").count();
+    assert_eq!(
+        segments, 2,
+        "the seed store should span exactly two segments"
+    );
+    for rel in &STORE_OPEN_FILES[..9] {
+        let seen = *rel == "commitlog/<start>";
+        assert!(
+            seen || dir.join(rel).is_file(),
+            "the seed store wrote no {rel}"
+        );
+    }
+    let seeds = vec![
+        ("clean".to_owned(), pack(&dir, &[], None)),
+        ("no-checkpoint".to_owned(), pack(&dir, &[0], None)),
+        (
+            "commit-log-only".to_owned(),
+            pack(&dir, &[0, 3, 4, 5, 6, 7, 8], None),
+        ),
+        ("torn-tail".to_owned(), pack(&dir, &[], Some((2, 1000)))),
+        (
+            "short-queue-file".to_owned(),
+            pack(&dir, &[], Some((3, 100))),
+        ),
+        ("short-index".to_owned(), pack(&dir, &[], Some((7, 70)))),
+    ];
+    fs::remove_dir_all(&dir).expect("remove temp store");
+    seeds
 }
 
 fn receipt_handle_seeds() -> Seeds {
