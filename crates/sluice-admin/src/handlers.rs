@@ -252,14 +252,11 @@ fn group_detail(s: GroupStatus) -> GroupDetail {
 }
 
 fn check_backoff(b: &Backoff) -> Result<()> {
-    if b.initial_ms == 0
-        || b.max_ms < b.initial_ms
-        || !b.multiplier.is_finite()
-        || b.multiplier < 1.0
-    {
+    if b.initial_ms == 0 || b.validate().is_err() {
         return Err(ApiError::bad_request(
             "INVALID_BACKOFF",
-            "backoff needs initial_ms > 0, max_ms >= initial_ms and a multiplier >= 1",
+            "backoff needs 0 < initial_ms <= max_ms <= 604800000 (7 days) and a multiplier \
+             between 1 and 100",
         ));
     }
     Ok(())

@@ -104,7 +104,34 @@ impl Default for Backoff {
     }
 }
 
+/// Longest retry delay a group may configure (7 days).
+pub const MAX_BACKOFF_MS: u64 = 7 * 24 * 3600 * 1000;
+
 impl Backoff {
+    /// Checks the ranges: delays up to [`MAX_BACKOFF_MS`], `initial_ms ≤ max_ms`, and a
+    /// finite multiplier between 1 and 100.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_ms > MAX_BACKOFF_MS {
+            return Err(format!(
+                "backoff max_ms {} exceeds {MAX_BACKOFF_MS}",
+                self.max_ms
+            ));
+        }
+        if self.initial_ms > self.max_ms {
+            return Err(format!(
+                "backoff initial_ms {} exceeds max_ms {}",
+                self.initial_ms, self.max_ms
+            ));
+        }
+        if !(1.0..=100.0).contains(&self.multiplier) {
+            return Err(format!(
+                "backoff multiplier {} is not between 1 and 100",
+                self.multiplier
+            ));
+        }
+        Ok(())
+    }
+
     /// Delay after the `attempt`-th failed delivery (1-based).
     pub fn delay_ms(&self, attempt: u32) -> u64 {
         let exp = self
@@ -178,12 +205,55 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BrokerError>
     Ok(())
 }
 
+fn check_topic(t: &TopicConfig) -> Result<(), BrokerError> {
+    validate_resource_name(&t.name)
+        .map_err(|e| BrokerError::IllegalTopic(format!("{:?}: {e}", t.name)))?;
+    if t.queues == 0 || t.queues > MAX_QUEUES {
+        return Err(BrokerError::BadRequest(format!(
+            "queues must be between 1 and {MAX_QUEUES}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_group(g: &GroupConfig) -> Result<(), BrokerError> {
+    validate_resource_name(&g.name)
+        .map_err(|e| BrokerError::IllegalGroup(format!("{:?}: {e}", g.name)))?;
+    if g.max_attempts == 0 || g.max_attempts > 1000 {
+        return Err(BrokerError::BadRequest(
+            "max_attempts must be between 1 and 1000".into(),
+        ));
+    }
+    g.backoff.validate().map_err(BrokerError::BadRequest)
+}
+
 impl Metadata {
     pub fn open(dir: PathBuf) -> Result<Metadata, BrokerError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| BrokerError::Internal(format!("creating {}: {e}", dir.display())))?;
         let topics: Vec<TopicConfig> = load(&dir.join("topics.json"))?.unwrap_or_default();
         let groups: Vec<GroupConfig> = load(&dir.join("groups.json"))?.unwrap_or_default();
+        // What the files hold passed these checks when it was written; anything else is
+        // damage (or a hand edit), refused here with the file and entry named rather than
+        // met later as a division by a zero queue count or an overflowing deadline.
+        for t in &topics {
+            check_topic(t).map_err(|e| {
+                BrokerError::Internal(format!(
+                    "{} is damaged: topic {:?}: {e}",
+                    dir.join("topics.json").display(),
+                    t.name
+                ))
+            })?;
+        }
+        for g in &groups {
+            check_group(g).map_err(|e| {
+                BrokerError::Internal(format!(
+                    "{} is damaged: group {:?}: {e}",
+                    dir.join("groups.json").display(),
+                    g.name
+                ))
+            })?;
+        }
         Ok(Metadata {
             topics: RwLock::new(topics.into_iter().map(|t| (t.name.clone(), t)).collect()),
             groups: RwLock::new(groups.into_iter().map(|g| (g.name.clone(), g)).collect()),
@@ -221,13 +291,7 @@ impl Metadata {
 
     /// Creates a topic, or updates it when `upsert` is set.
     pub fn put_topic(&self, t: TopicConfig, upsert: bool) -> Result<TopicConfig, BrokerError> {
-        validate_resource_name(&t.name)
-            .map_err(|e| BrokerError::IllegalTopic(format!("{:?}: {e}", t.name)))?;
-        if t.queues == 0 || t.queues > MAX_QUEUES {
-            return Err(BrokerError::BadRequest(format!(
-                "queues must be between 1 and {MAX_QUEUES}"
-            )));
-        }
+        check_topic(&t)?;
         let mut all = self.topics.write();
         if let Some(old) = all.get(&t.name) {
             if !upsert {
@@ -260,13 +324,7 @@ impl Metadata {
     }
 
     pub fn put_group(&self, g: GroupConfig, upsert: bool) -> Result<GroupConfig, BrokerError> {
-        validate_resource_name(&g.name)
-            .map_err(|e| BrokerError::IllegalGroup(format!("{:?}: {e}", g.name)))?;
-        if g.max_attempts == 0 || g.max_attempts > 1000 {
-            return Err(BrokerError::BadRequest(
-                "max_attempts must be between 1 and 1000".into(),
-            ));
-        }
+        check_group(&g)?;
         let mut all = self.groups.write();
         if all.contains_key(&g.name) && !upsert {
             return Err(BrokerError::GroupExists(g.name));
@@ -352,6 +410,60 @@ mod tests {
         assert_eq!(m.group("g"), Some(g));
         m.delete_topic("a").expect("delete");
         assert!(m.topic("a").is_none());
+    }
+
+    #[test]
+    fn damaged_files_are_refused_with_the_entry_named() {
+        // Found by the `broker_open` fuzz target: a topic with 0 queues in topics.json made
+        // the first send divide by zero.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Metadata::open(dir.path().to_path_buf()).expect("open");
+        m.put_topic(topic("a"), false).expect("create");
+        drop(m);
+        let path = dir.path().join("topics.json");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replace("\"queues\": 4", "\"queues\": 0")).expect("write");
+        match Metadata::open(dir.path().to_path_buf()) {
+            Err(BrokerError::Internal(why)) => {
+                assert!(why.contains("topics.json is damaged: topic \"a\""), "{why}")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        std::fs::remove_file(&path).expect("rm");
+        let bad = |backoff: Backoff| GroupConfig {
+            name: "g".into(),
+            fifo: false,
+            max_attempts: 3,
+            backoff,
+            start: StartPosition::Latest,
+            created_at_ms: 1,
+        };
+        let m = Metadata::open(dir.path().to_path_buf()).expect("open");
+        for b in [
+            Backoff {
+                max_ms: u64::MAX,
+                ..Backoff::default()
+            },
+            Backoff {
+                initial_ms: 2,
+                max_ms: 1,
+                multiplier: 2.0,
+            },
+            Backoff {
+                multiplier: f64::NAN,
+                ..Backoff::default()
+            },
+            Backoff {
+                multiplier: 0.5,
+                ..Backoff::default()
+            },
+        ] {
+            assert!(
+                matches!(m.put_group(bad(b), false), Err(BrokerError::BadRequest(_))),
+                "{b:?}"
+            );
+        }
+        assert!(m.groups().is_empty());
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn main() {
     write(&out, "sql_filter", sql_filter_seeds());
     write(&out, "grpc_request", grpc_request_seeds());
     write(&out, "store_open", store_open_seeds());
+    write(&out, "broker_open", broker_open_seeds());
 }
 
 fn write(root: &Path, target: &str, seeds: Seeds) {
@@ -282,6 +283,126 @@ fn store_open_seeds() -> Seeds {
     ];
     fs::remove_dir_all(&dir).expect("remove temp store");
     seeds
+}
+
+/// The `broker_open` target's paths, in its order (`which` byte = index).
+const BROKER_OPEN_FILES: [&str; 7] = [
+    "meta/topics.json",
+    "meta/groups.json",
+    "meta/pop-snapshot.json",
+    "meta/offsets-snapshot.json",
+    "meta/tx-snapshot.json",
+    "timer/checkpoint",
+    "meta/topics.json.tmp",
+];
+
+/// The persisted state of a real broker: topics of every type, groups, messages in flight
+/// and acknowledged, committed offsets, a pending transaction and pending delay messages.
+fn broker_open_seeds() -> Seeds {
+    use sluice_broker::broker::{Broker, BrokerConfig};
+    use sluice_broker::filter::FilterKind;
+    use sluice_broker::messaging::{Message, Messaging, ReceiveRequest};
+    use sluice_broker::meta::MessageType;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let dir = std::env::temp_dir().join(format!("sluice-fuzz-seedgen-broker-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let store = Arc::new(Store::open(StoreConfig::small(dir.join("store"))).expect("store"));
+    let clock = Arc::new(sluice_common::clock::SystemClock);
+    let broker = Broker::open(BrokerConfig::new(&dir), store.clone(), clock).expect("broker");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    rt.block_on(async {
+        for (name, ty, queues) in [
+            ("orders", MessageType::Normal, 4),
+            ("seq", MessageType::Fifo, 2),
+            ("later", MessageType::Delay, 2),
+            ("tx", MessageType::Transaction, 2),
+        ] {
+            broker.create_topic(name, ty, queues).expect("topic");
+        }
+        broker.create_group("g1", false, Some(3), None, None).expect("group");
+        broker.create_group("gf", true, None, None, None).expect("group");
+        let m = |topic: &str, i: u32, ty: MessageType| Message {
+            topic: topic.into(),
+            message_id: format!("01SEED{i:022}"),
+            tag: Some("TagA".into()),
+            keys: vec![format!("k{i}")],
+            body: Bytes::from(format!("body {i}")),
+            message_type: Some(ty),
+            message_group: (ty == MessageType::Fifo).then(|| "grp".into()),
+            delivery_timestamp_ms: (ty == MessageType::Delay)
+                .then_some(now + if i % 2 == 0 { 3_600_000 } else { 172_800_000 }),
+            born_timestamp_ms: now,
+            born_host: "seed".into(),
+            ..Message::default()
+        };
+        let mut batch = Vec::new();
+        for i in 0..10 {
+            batch.push(m("orders", i, MessageType::Normal));
+        }
+        for i in 10..14 {
+            batch.push(m("seq", i, MessageType::Fifo));
+        }
+        for i in 14..17 {
+            batch.push(m("later", i, MessageType::Delay));
+        }
+        batch.push(m("tx", 17, MessageType::Transaction));
+        for r in broker.send(batch).await {
+            r.expect("send");
+        }
+        for (group, topic) in [("g1", "orders"), ("gf", "seq"), ("g1", "seq")] {
+            let got = broker
+                .receive(ReceiveRequest {
+                    group: group.into(),
+                    topic: topic.into(),
+                    filter: sluice_broker::filter::Filter::parse(FilterKind::Tag, "*")
+                        .expect("filter"),
+                    max_messages: 4,
+                    invisible: Duration::from_secs(60),
+                    long_poll: Duration::ZERO,
+                })
+                .await
+                .expect("receive");
+            let handles: Vec<String> = got.iter().take(2).map(|d| d.receipt_handle.clone()).collect();
+            for r in broker.ack_many(group, topic, &handles).await {
+                r.expect("ack");
+            }
+        }
+        broker.snapshot_pop().expect("snapshot");
+    });
+    drop(broker);
+    store.close();
+    let mut out = Vec::new();
+    for (i, rel) in BROKER_OPEN_FILES.iter().enumerate() {
+        if let Ok(b) = fs::read(dir.join(rel)) {
+            out.push(i as u8);
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+    }
+    for rel in &BROKER_OPEN_FILES[..5] {
+        assert!(dir.join(rel).is_file(), "the seed broker wrote no {rel}");
+    }
+    let meta_only: Vec<u8> = {
+        let mut v = Vec::new();
+        for (i, rel) in BROKER_OPEN_FILES[..2].iter().enumerate() {
+            let b = fs::read(dir.join(rel)).expect("read");
+            v.push(i as u8);
+            v.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            v.extend_from_slice(&b);
+        }
+        v
+    };
+    fs::remove_dir_all(&dir).expect("remove temp broker");
+    vec![("state".to_owned(), out), ("metadata-only".to_owned(), meta_only)]
 }
 
 fn receipt_handle_seeds() -> Seeds {
