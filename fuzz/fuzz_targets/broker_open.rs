@@ -13,9 +13,7 @@
 //! groups, serves a receive, a send and a POP snapshot per topic without panicking.
 #![no_main]
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,35 +35,10 @@ pub const FILES: [&str; 7] = [
     "meta/topics.json.tmp",
 ];
 
-fn scratch_root() -> PathBuf {
-    let shm = PathBuf::from("/dev/shm");
-    if shm.is_dir() {
-        shm
-    } else {
-        std::env::temp_dir()
-    }
-}
-
-static RUN: AtomicU64 = AtomicU64::new(0);
-
 fuzz_target!(|data: &[u8]| {
-    let dir = scratch_root().join(format!(
-        "sluice-fuzz-broker-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut rest = data;
-    while rest.len() >= 5 {
-        let which = rest[0] as usize % FILES.len();
-        let len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let len = len.min(rest.len() - 5);
-        let path = dir.join(FILES[which]);
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let _ = std::fs::write(&path, &rest[5..5 + len]);
-        rest = &rest[5 + len..];
+    let dir = sluice_fuzz::scratch_dir("sluice-fuzz-broker");
+    for (which, bytes) in sluice_fuzz::archive_entries(data) {
+        sluice_fuzz::put_file(&dir, FILES[which as usize % FILES.len()], bytes);
     }
     std::fs::create_dir_all(&dir).expect("scratch dir");
     exercise(&dir);

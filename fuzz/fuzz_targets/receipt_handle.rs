@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use sluice_broker::BrokerError;
 use sluice_broker::handle::ReceiptHandle;
 
-/// Longest string `ReceiptHandle::decode` accepts.
+// Longest string `ReceiptHandle::decode` accepts.
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);

@@ -14,9 +14,6 @@
 //! an append without panicking, and closes.
 #![no_main]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use sluice_store::{AppendMessage, PROP_KEYS, PROP_MSG_ID, Store, StoreConfig};
@@ -64,47 +61,21 @@ fn files() -> Vec<String> {
     ]
 }
 
-fn scratch_root() -> PathBuf {
-    let shm = PathBuf::from("/dev/shm");
-    if shm.is_dir() {
-        shm
-    } else {
-        std::env::temp_dir()
-    }
-}
-
-static RUN: AtomicU64 = AtomicU64::new(0);
-
 fuzz_target!(|data: &[u8]| {
     let paths = files();
-    let dir = scratch_root().join(format!(
-        "sluice-fuzz-store-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut rest = data;
-    while rest.len() >= 5 {
-        let which = rest[0] as usize % paths.len();
-        let len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let len = len.min(rest.len() - 5);
-        let bytes = &rest[5..5 + len];
-        rest = &rest[5 + len..];
-        let (rel, bytes) = if paths[which] == LATER_SEGMENT {
+    let dir = sluice_fuzz::scratch_dir("sluice-fuzz-store");
+    for (which, bytes) in sluice_fuzz::archive_entries(data) {
+        let which = which as usize % paths.len();
+        if paths[which] == LATER_SEGMENT {
             let Some((start, file)) = bytes.split_first_chunk::<8>() else {
                 continue;
             };
-            // Past the first segment and below 2^40, as a real store's offsets would be.
+            // Below 2^40, as a real store's offsets would be.
             let start = u64::from_le_bytes(*start) % (1 << 40);
-            (format!("commitlog/{}", name(start)), file)
+            sluice_fuzz::put_file(&dir, &format!("commitlog/{}", name(start)), file);
         } else {
-            (paths[which].clone(), bytes)
-        };
-        let path = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
+            sluice_fuzz::put_file(&dir, &paths[which], bytes);
         }
-        let _ = std::fs::write(&path, bytes);
     }
     std::fs::create_dir_all(&dir).expect("scratch dir");
     exercise(config(&dir));

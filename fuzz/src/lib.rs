@@ -77,3 +77,52 @@ pub fn encode_record(
     out[8..12].copy_from_slice(&crc.to_le_bytes());
     out
 }
+
+/// A fresh, not yet existing directory for one run of a target that builds files from its
+/// input: under `/dev/shm` where it exists (fdatasync costs nothing there), else the system
+/// temporary directory. Unique per process and call.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let shm = std::path::Path::new("/dev/shm");
+    let root = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = root.join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Splits an input into the files of the start-up targets' archive format: repeated
+/// `[which: u8][len: u32 LE][bytes]`, the length cut to what is left. Yields
+/// `(which, bytes)`; a trailing piece shorter than a header is ignored.
+pub fn archive_entries(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.len() < 5 {
+            return None;
+        }
+        let which = rest[0];
+        let len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let len = len.min(rest.len() - 5);
+        let bytes = &rest[5..5 + len];
+        rest = &rest[5 + len..];
+        Some((which, bytes))
+    })
+}
+
+/// Writes `bytes` to `dir/rel`, creating the directories on the way; errors (a path that
+/// an earlier entry made a file) are ignored, as the target only needs some directory.
+pub fn put_file(dir: &std::path::Path, rel: &str, bytes: &[u8]) {
+    let path = dir.join(rel);
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::write(&path, bytes);
+}

@@ -306,7 +306,8 @@ fn broker_open_seeds() -> Seeds {
     use std::sync::Arc;
     use std::time::Duration;
 
-    let dir = std::env::temp_dir().join(format!("sluice-fuzz-seedgen-broker-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("sluice-fuzz-seedgen-broker-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     let store = Arc::new(Store::open(StoreConfig::small(dir.join("store"))).expect("store"));
     let clock = Arc::new(sluice_common::clock::SystemClock);
@@ -328,8 +329,12 @@ fn broker_open_seeds() -> Seeds {
         ] {
             broker.create_topic(name, ty, queues).expect("topic");
         }
-        broker.create_group("g1", false, Some(3), None, None).expect("group");
-        broker.create_group("gf", true, None, None, None).expect("group");
+        broker
+            .create_group("g1", false, Some(3), None, None)
+            .expect("group");
+        broker
+            .create_group("gf", true, None, None, None)
+            .expect("group");
         let m = |topic: &str, i: u32, ty: MessageType| Message {
             topic: topic.into(),
             message_id: format!("01SEED{i:022}"),
@@ -371,7 +376,11 @@ fn broker_open_seeds() -> Seeds {
                 })
                 .await
                 .expect("receive");
-            let handles: Vec<String> = got.iter().take(2).map(|d| d.receipt_handle.clone()).collect();
+            let handles: Vec<String> = got
+                .iter()
+                .take(2)
+                .map(|d| d.receipt_handle.clone())
+                .collect();
             for r in broker.ack_many(group, topic, &handles).await {
                 r.expect("ack");
             }
@@ -402,7 +411,10 @@ fn broker_open_seeds() -> Seeds {
         v
     };
     fs::remove_dir_all(&dir).expect("remove temp broker");
-    vec![("state".to_owned(), out), ("metadata-only".to_owned(), meta_only)]
+    vec![
+        ("state".to_owned(), out),
+        ("metadata-only".to_owned(), meta_only),
+    ]
 }
 
 fn receipt_handle_seeds() -> Seeds {
