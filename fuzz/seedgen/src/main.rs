@@ -33,6 +33,7 @@ fn main() {
     write(&out, "grpc_request", grpc_request_seeds());
     write(&out, "store_open", store_open_seeds());
     write(&out, "broker_open", broker_open_seeds());
+    write(&out, "grpc_service", grpc_service_seeds());
 }
 
 fn write(root: &Path, target: &str, seeds: Seeds) {
@@ -497,6 +498,289 @@ fn resource(name: &str) -> Option<v2::Resource> {
         resource_namespace: String::new(),
         name: name.to_owned(),
     })
+}
+
+/// Requests for the `grpc_service` target: `[rpc: u8][request]`, the RPC numbered as in
+/// the target, naming the topics and groups its server holds (`t`, `f`, `d`, `x`; `g`, `gf`).
+fn grpc_service_seeds() -> Seeds {
+    let dur = |seconds: i64| Some(prost_types::Duration { seconds, nanos: 0 });
+    let queue = |topic: &str, id: i32| {
+        Some(v2::MessageQueue {
+            topic: resource(topic),
+            id,
+            ..Default::default()
+        })
+    };
+    let message =
+        |topic: &str, ty: v2::MessageType, group: Option<&str>, at: Option<i64>| v2::Message {
+            topic: resource(topic),
+            user_properties: HashMap::from([("a".to_owned(), "5".to_owned())]),
+            system_properties: Some(v2::SystemProperties {
+                tag: Some("TagA".to_owned()),
+                keys: vec!["k1".to_owned()],
+                message_id: format!("01SEED{topic}0000000000000000000000"),
+                message_type: ty as i32,
+                message_group: group.map(str::to_owned),
+                delivery_timestamp: at.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                born_timestamp: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+                born_host: "10.0.0.1".to_owned(),
+                ..Default::default()
+            }),
+            body: b"hello".to_vec(),
+        };
+    let handle = ReceiptHandle {
+        broker: "sluice".into(),
+        topic: "t".into(),
+        queue_id: 1,
+        offset: 0,
+        attempt: 1,
+        nonce: 7,
+    }
+    .encode();
+    let receive =
+        |group: &str, topic: &str, kind: v2::FilterType, expr: &str| v2::ReceiveMessageRequest {
+            group: resource(group),
+            message_queue: queue(topic, 0),
+            filter_expression: Some(v2::FilterExpression {
+                r#type: kind as i32,
+                expression: expr.to_owned(),
+            }),
+            batch_size: 8,
+            invisible_duration: dur(30),
+            auto_renew: false,
+            long_polling_timeout: dur(1),
+            attempt_id: None,
+        };
+    let mut seeds: Vec<(String, u8, Vec<u8>)> = vec![
+        (
+            "route".into(),
+            0,
+            v2::QueryRouteRequest {
+                topic: resource("t"),
+                endpoints: None,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "heartbeat".into(),
+            1,
+            v2::HeartbeatRequest {
+                group: resource("g"),
+                client_type: v2::ClientType::SimpleConsumer as i32,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "send".into(),
+            2,
+            v2::SendMessageRequest {
+                messages: vec![
+                    message("t", v2::MessageType::Normal, None, None),
+                    message("t", v2::MessageType::Normal, None, None),
+                ],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "send-fifo".into(),
+            2,
+            v2::SendMessageRequest {
+                messages: vec![message("f", v2::MessageType::Fifo, Some("grp"), None)],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "send-delay".into(),
+            2,
+            v2::SendMessageRequest {
+                messages: vec![message(
+                    "d",
+                    v2::MessageType::Delay,
+                    None,
+                    Some(4_000_000_000),
+                )],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "send-transaction".into(),
+            2,
+            v2::SendMessageRequest {
+                messages: vec![message("x", v2::MessageType::Transaction, None, None)],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "assignment".into(),
+            3,
+            v2::QueryAssignmentRequest {
+                topic: resource("t"),
+                group: resource("g"),
+                endpoints: None,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "receive".into(),
+            4,
+            receive("g", "t", v2::FilterType::Tag, "*").encode_to_vec(),
+        ),
+        (
+            "receive-sql".into(),
+            4,
+            receive(
+                "g",
+                "t",
+                v2::FilterType::Sql,
+                "a > 1 AND (b IS NULL OR b IN ('x'))",
+            )
+            .encode_to_vec(),
+        ),
+        (
+            "receive-fifo".into(),
+            4,
+            receive("gf", "f", v2::FilterType::Tag, "TagA||TagB").encode_to_vec(),
+        ),
+        (
+            "ack".into(),
+            5,
+            v2::AckMessageRequest {
+                group: resource("g"),
+                topic: resource("t"),
+                entries: vec![v2::AckMessageEntry {
+                    message_id: "m".into(),
+                    receipt_handle: handle.clone(),
+                    lite_topic: None,
+                }],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "dead-letter".into(),
+            6,
+            v2::ForwardMessageToDeadLetterQueueRequest {
+                group: resource("g"),
+                topic: resource("t"),
+                receipt_handle: handle.clone(),
+                message_id: "m".into(),
+                delivery_attempt: 2,
+                max_delivery_attempts: 2,
+                lite_topic: None,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "pull".into(),
+            7,
+            v2::PullMessageRequest {
+                group: resource("g"),
+                message_queue: queue("t", 1),
+                offset: 0,
+                batch_size: 8,
+                filter_expression: None,
+                long_polling_timeout: dur(1),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "update-offset".into(),
+            8,
+            v2::UpdateOffsetRequest {
+                group: resource("g"),
+                message_queue: queue("t", 1),
+                offset: 1,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "get-offset".into(),
+            9,
+            v2::GetOffsetRequest {
+                group: resource("g"),
+                message_queue: queue("t", 1),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "query-offset".into(),
+            10,
+            v2::QueryOffsetRequest {
+                message_queue: queue("t", 1),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "end-transaction".into(),
+            11,
+            v2::EndTransactionRequest {
+                topic: resource("x"),
+                message_id: "01SEEDx0000000000000000000000".into(),
+                transaction_id: "tx-1".into(),
+                resolution: v2::TransactionResolution::Commit as i32,
+                source: v2::TransactionSource::SourceClient as i32,
+                trace_context: String::new(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "terminate".into(),
+            12,
+            v2::NotifyClientTerminationRequest {
+                group: resource("g"),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "change-invisible".into(),
+            13,
+            v2::ChangeInvisibleDurationRequest {
+                group: resource("g"),
+                topic: resource("t"),
+                receipt_handle: handle,
+                invisible_duration: dur(10),
+                message_id: "m".into(),
+                lite_topic: None,
+                suspend: None,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "recall".into(),
+            14,
+            v2::RecallMessageRequest {
+                topic: resource("d"),
+                recall_handle: "garbage".into(),
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    let settings = v2::TelemetryCommand {
+        status: None,
+        command: Some(v2::telemetry_command::Command::Settings(v2::Settings {
+            client_type: Some(v2::ClientType::SimpleConsumer as i32),
+            pub_sub: Some(v2::settings::PubSub::Subscription(v2::Subscription {
+                group: resource("g"),
+                subscriptions: vec![v2::SubscriptionEntry {
+                    topic: resource("t"),
+                    expression: Some(v2::FilterExpression {
+                        r#type: v2::FilterType::Tag as i32,
+                        expression: "*".into(),
+                    }),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        })),
+    };
+    seeds.push(("telemetry".into(), 15, settings.encode_to_vec()));
+    seeds
+        .into_iter()
+        .map(|(name, rpc, body)| (name, [vec![rpc], body].concat()))
+        .collect()
 }
 
 fn grpc_request_seeds() -> Seeds {
