@@ -34,6 +34,7 @@ fn main() {
     write(&out, "store_open", store_open_seeds());
     write(&out, "broker_open", broker_open_seeds());
     write(&out, "grpc_service", grpc_service_seeds());
+    write(&out, "admin_api", admin_api_seeds());
 }
 
 fn write(root: &Path, target: &str, seeds: Seeds) {
@@ -780,6 +781,86 @@ fn grpc_service_seeds() -> Seeds {
     seeds
         .into_iter()
         .map(|(name, rpc, body)| (name, [vec![rpc], body].concat()))
+        .collect()
+}
+
+/// Requests for the `admin_api` target: `[method: u8]path\nbody`, method 0 GET, 1 POST,
+/// 2 PUT, 3 DELETE; they name the topics `t`, `f` and the group `g` its broker holds.
+fn admin_api_seeds() -> Seeds {
+    let reqs: [(&str, u8, &str, &str); 20] = [
+        ("healthz", 0, "/healthz", ""),
+        ("metrics", 0, "/metrics", ""),
+        ("broker", 0, "/api/v1/broker", ""),
+        ("topics", 0, "/api/v1/topics", ""),
+        ("topic", 0, "/api/v1/topics/t", ""),
+        (
+            "create-topic",
+            1,
+            "/api/v1/topics",
+            r#"{"name":"n1","type":"delay","queues":2}"#,
+        ),
+        (
+            "update-topic",
+            2,
+            "/api/v1/topics/t",
+            r#"{"type":"normal","queues":8}"#,
+        ),
+        ("delete-topic", 3, "/api/v1/topics/f", ""),
+        (
+            "messages-by-key",
+            0,
+            "/api/v1/topics/t/messages?key=k&begin_ms=0&end_ms=9999999999999",
+            "",
+        ),
+        (
+            "messages-at",
+            0,
+            "/api/v1/topics/t/messages?queue=1&offset=0&max=4&preview_bytes=8",
+            "",
+        ),
+        ("groups", 0, "/api/v1/groups", ""),
+        ("group", 0, "/api/v1/groups/g", ""),
+        (
+            "create-group",
+            1,
+            "/api/v1/groups",
+            r#"{"name":"g2","fifo":true,"max_attempts":3,"backoff":{"initial_ms":10,"max_ms":100,"multiplier":2.0},"start":{"timestamp_ms":5}}"#,
+        ),
+        (
+            "update-group",
+            2,
+            "/api/v1/groups/g",
+            r#"{"max_attempts":5,"start":"earliest"}"#,
+        ),
+        ("delete-group", 3, "/api/v1/groups/g2", ""),
+        (
+            "reset-offset",
+            1,
+            "/api/v1/groups/g/reset-offset",
+            r#"{"topic":"t","timestamp_ms":0}"#,
+        ),
+        (
+            "resend",
+            1,
+            "/api/v1/groups/g/dead-letters/resend",
+            r#"{"max":10}"#,
+        ),
+        (
+            "message-by-id",
+            0,
+            "/api/v1/messages/01FUZZADMIN00000000000000000",
+            "",
+        ),
+        ("not-found", 0, "/api/v2/nothing", ""),
+        ("bad-json", 1, "/api/v1/topics", r#"{"name":"#),
+    ];
+    reqs.iter()
+        .map(|(name, m, path, body)| {
+            (
+                (*name).to_owned(),
+                [&[*m][..], path.as_bytes(), b"\n", body.as_bytes()].concat(),
+            )
+        })
         .collect()
 }
 
