@@ -90,6 +90,28 @@ pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
     } else {
         std::env::temp_dir()
     };
+    // Targets that keep one server for the whole run cannot remove its directory (libFuzzer
+    // ends the process with `exit`): the first call of a process removes those of
+    // processes that are gone.
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("sluice-fuzz-")
+                .and_then(|r| r.split('-').nth(1))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
     let dir = root.join(format!(
         "{prefix}-{}-{}",
         std::process::id(),
