@@ -12,18 +12,15 @@
 //! answer body that is JSON (for `/api/v1/…`) or text.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
-use sluice_broker::broker::{Broker, BrokerConfig};
 use sluice_broker::messaging::{Message, Messaging};
 use sluice_broker::meta::MessageType;
-use sluice_common::clock::SystemClock;
-use sluice_store::{FlushPolicy, Store, StoreConfig};
 use tower::ServiceExt;
 
 struct Env {
@@ -35,24 +32,13 @@ static ENV: OnceLock<Env> = OnceLock::new();
 
 fn env() -> &'static Env {
     ENV.get_or_init(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default(info);
-            std::process::abort();
-        }));
+        sluice_fuzz::abort_on_panic();
         let dir = sluice_fuzz::scratch_dir("sluice-fuzz-admin");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let mut cfg = StoreConfig::small(dir.join("store"));
-        cfg.flush = FlushPolicy::Async {
-            interval: Duration::from_millis(200),
-            bytes: 1 << 20,
-        };
-        let store = Arc::new(Store::open(cfg).expect("store"));
-        let broker =
-            Broker::open(BrokerConfig::new(&dir), store, Arc::new(SystemClock)).expect("broker");
+        let broker = sluice_fuzz::scratch_broker(&dir);
         broker
             .create_topic("t", MessageType::Normal, 4)
             .expect("topic");

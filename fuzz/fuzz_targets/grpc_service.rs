@@ -15,17 +15,14 @@
 //! `t` must succeed.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use sluice_broker::broker::{Broker, BrokerConfig};
 use sluice_broker::meta::MessageType;
-use sluice_common::clock::SystemClock;
 use sluice_proto::prost::Message as _;
 use sluice_proto::v2;
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
-use sluice_store::{FlushPolicy, Store, StoreConfig};
 use tonic::transport::Channel;
 
 struct Env {
@@ -38,26 +35,14 @@ static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0)
 
 fn env() -> &'static Env {
     ENV.get_or_init(|| {
-        // A panic in any thread (a server task included) must end the run as a crash.
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default(info);
-            std::process::abort();
-        }));
+        sluice_fuzz::abort_on_panic();
         let dir = sluice_fuzz::scratch_dir("sluice-fuzz-grpc");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        let mut cfg = StoreConfig::small(dir.join("store"));
-        cfg.flush = FlushPolicy::Async {
-            interval: Duration::from_millis(200),
-            bytes: 1 << 20,
-        };
-        let store = Arc::new(Store::open(cfg).expect("store"));
-        let broker =
-            Broker::open(BrokerConfig::new(&dir), store, Arc::new(SystemClock)).expect("broker");
+        let broker = sluice_fuzz::scratch_broker(&dir);
         for (name, ty) in [
             ("t", MessageType::Normal),
             ("f", MessageType::Fifo),

@@ -148,3 +148,31 @@ pub fn put_file(dir: &std::path::Path, rel: &str, bytes: &[u8]) {
     }
     let _ = std::fs::write(&path, bytes);
 }
+
+/// Makes a panic in any thread (a server task included) abort the process, so libFuzzer
+/// reports it as a crash; tokio would otherwise catch it in the task.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        std::process::abort();
+    }));
+}
+
+/// A broker over a small store (Async flush) in `dir`, for targets that keep one for the
+/// whole run.
+pub fn scratch_broker(dir: &std::path::Path) -> std::sync::Arc<sluice_broker::broker::Broker> {
+    use std::sync::Arc;
+    let mut cfg = sluice_store::StoreConfig::small(dir.join("store"));
+    cfg.flush = sluice_store::FlushPolicy::Async {
+        interval: std::time::Duration::from_millis(200),
+        bytes: 1 << 20,
+    };
+    let store = Arc::new(sluice_store::Store::open(cfg).expect("store"));
+    sluice_broker::broker::Broker::open(
+        sluice_broker::broker::BrokerConfig::new(dir),
+        store,
+        Arc::new(sluice_common::clock::SystemClock),
+    )
+    .expect("broker")
+}
