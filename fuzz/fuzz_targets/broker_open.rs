@@ -2,7 +2,7 @@
 //! input, next to an empty store.
 //!
 //! The input is an archive as in `store_open`: repeated `[which: u8][len: u32 LE][bytes]`,
-//! `which` picking one of the paths of [`FILES`] (the metadata and snapshot JSON files and
+//! `which` picking one of the paths of `sluice_fuzz::layout::BROKER_OPEN_FILES` (the metadata and snapshot JSON files and
 //! the timer checkpoint, all read by `open`); a path given twice keeps the last bytes. The seed
 //! generator (`fuzz/seedgen`) writes seeds from a real broker that holds topics of every
 //! type, groups, in-flight and acknowledged messages, committed offsets, a pending
@@ -22,23 +22,17 @@ use sluice_broker::broker::{Broker, BrokerConfig};
 use sluice_broker::filter::{Filter, FilterKind};
 use sluice_broker::messaging::{Message, Messaging, ReceiveRequest};
 use sluice_common::clock::SystemClock;
+use sluice_fuzz::layout::BROKER_OPEN_FILES;
 use sluice_store::{Store, StoreConfig};
-
-/// The paths an input can fill, relative to the broker's data directory.
-pub const FILES: [&str; 7] = [
-    "meta/topics.json",
-    "meta/groups.json",
-    "meta/pop-snapshot.json",
-    "meta/offsets-snapshot.json",
-    "meta/tx-snapshot.json",
-    "timer/checkpoint",
-    "meta/topics.json.tmp",
-];
 
 fuzz_target!(|data: &[u8]| {
     let dir = sluice_fuzz::scratch_dir("sluice-fuzz-broker");
     for (which, bytes) in sluice_fuzz::archive_entries(data) {
-        sluice_fuzz::put_file(&dir, FILES[which as usize % FILES.len()], bytes);
+        sluice_fuzz::put_file(
+            &dir,
+            BROKER_OPEN_FILES[which as usize % BROKER_OPEN_FILES.len()],
+            bytes,
+        );
     }
     std::fs::create_dir_all(&dir).expect("scratch dir");
     exercise(&dir);

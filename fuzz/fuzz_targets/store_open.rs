@@ -1,13 +1,13 @@
 //! Recovery over arbitrary data directories: `Store::open` on files built from the input.
 //!
 //! The input is a little archive of store files: repeated `[which: u8][len: u32 LE][bytes]`,
-//! where `which` picks one of the paths of [`files`] (checkpoint, commit-log segments,
+//! where `which` picks one of the paths of `STORE_OPEN_FILES` (checkpoint, commit-log segments,
 //! consume-queue files, index files) and a path given twice keeps the last bytes. A later
 //! segment is named by its start offset, which only its writer knows: for that entry the
 //! first 8 bytes (LE) are the offset and the rest the file. The
 //! directory is built in a fresh temporary directory (under `/dev/shm` where it exists, so
-//! the store's fdatasyncs cost nothing) and opened with the tiny settings of [`config`]
-//! (the seed generator, `fuzz/seedgen`, writes its seeds with the same ones).
+//! the store's fdatasyncs cost nothing) and opened with the tiny settings of
+//! `store_open_config`; both live in `sluice_fuzz::layout`, shared with the seed generator.
 //!
 //! What must hold, whatever the bytes: `open` returns (an error or a store) and never
 //! panics, aborts or runs out of memory; an opened store answers reads, index lookups and
@@ -16,53 +16,15 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use sluice_fuzz::layout::{LATER_SEGMENT, STORE_OPEN_FILES, store_open_config};
 use sluice_store::{AppendMessage, PROP_KEYS, PROP_MSG_ID, Store, StoreConfig};
-
-/// Segment size of the fuzzed store.
-const SEGMENT: u64 = 16 << 10;
-/// Consume-queue entries per file.
-const CQ_PER_FILE: u64 = 32;
-
-/// Small files, so whole data directories fit in an input.
-fn config(dir: &std::path::Path) -> StoreConfig {
-    let mut c = StoreConfig::small(dir);
-    c.segment_size = SEGMENT;
-    c.max_record_size = 4 << 10;
-    c.cq_entries_per_file = CQ_PER_FILE;
-    c.index_slots = 64;
-    c.index_entries = 128;
-    c.zero_ahead = 0;
-    c
-}
-
-/// Placeholder of the later segment in [`files`].
-const LATER_SEGMENT: &str = "commitlog/<start>";
 
 fn name(n: u64) -> String {
     format!("{n:020}")
 }
 
-/// The paths an input can fill, relative to the data directory.
-fn files() -> Vec<String> {
-    vec![
-        "checkpoint".into(),
-        format!("commitlog/{}", name(0)),
-        LATER_SEGMENT.into(),
-        format!("consumequeue/t/0/{}", name(0)),
-        format!("consumequeue/t/1/{}", name(0)),
-        format!("consumequeue/t/0/{}", name(CQ_PER_FILE)),
-        format!("consumequeue/u/3/{}", name(0)),
-        format!("index/{}", name(0)),
-        format!("index/{}", name(1)),
-        // A stray file where a directory of queues is expected, and a name that is no
-        // offset: both must be tolerated or reported, not crash the open.
-        "consumequeue/t/7".into(),
-        format!("commitlog/{}.tmp", name(0)),
-    ]
-}
-
 fuzz_target!(|data: &[u8]| {
-    let paths = files();
+    let paths = STORE_OPEN_FILES;
     let dir = sluice_fuzz::scratch_dir("sluice-fuzz-store");
     for (which, bytes) in sluice_fuzz::archive_entries(data) {
         let which = which as usize % paths.len();
@@ -74,11 +36,11 @@ fuzz_target!(|data: &[u8]| {
             let start = u64::from_le_bytes(*start) % (1 << 40);
             sluice_fuzz::put_file(&dir, &format!("commitlog/{}", name(start)), file);
         } else {
-            sluice_fuzz::put_file(&dir, &paths[which], bytes);
+            sluice_fuzz::put_file(&dir, paths[which], bytes);
         }
     }
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    exercise(config(&dir));
+    exercise(store_open_config(&dir));
     let _ = std::fs::remove_dir_all(&dir);
 });
 

@@ -3,6 +3,8 @@
 //! Nothing here is fuzzed itself; these are small reference implementations and adapters
 //! the targets use to state properties about the code under test.
 
+pub mod layout;
+
 use sluice_broker::filter::MessageView;
 
 /// An in-memory message for evaluating filters.

@@ -18,6 +18,11 @@ use sluice_proto::{prost_types, v2};
 use sluice_store::record::{self, PROP_KEYS, PROP_MSG_ID, PROP_TAGS};
 use sluice_store::{AppendMessage, CqEntry, Store, StoreConfig};
 
+#[path = "../../src/layout.rs"]
+mod layout;
+
+use layout::{BROKER_OPEN_FILES, LATER_SEGMENT, STORE_OPEN_FILES, push_entry, store_open_config};
+
 type Seeds = Vec<(String, Vec<u8>)>;
 
 fn main() {
@@ -154,40 +159,13 @@ fn read_single_file(dir: &Path) -> Vec<u8> {
     fs::read(&files[0]).expect("read store file")
 }
 
-/// The `store_open` target's settings (see `fuzz_targets/store_open.rs`).
-fn store_open_config(dir: &Path) -> StoreConfig {
-    let mut c = StoreConfig::small(dir);
-    c.segment_size = 16 << 10;
-    c.max_record_size = 4 << 10;
-    c.cq_entries_per_file = 32;
-    c.index_slots = 64;
-    c.index_entries = 128;
-    c.zero_ahead = 0;
-    c
-}
-
-/// The `store_open` target's paths, in its order (`which` byte = index).
-const STORE_OPEN_FILES: [&str; 11] = [
-    "checkpoint",
-    "commitlog/00000000000000000000",
-    "commitlog/<start>",
-    "consumequeue/t/0/00000000000000000000",
-    "consumequeue/t/1/00000000000000000000",
-    "consumequeue/t/0/00000000000000000032",
-    "consumequeue/u/3/00000000000000000000",
-    "index/00000000000000000000",
-    "index/00000000000000000001",
-    "consumequeue/t/7",
-    "commitlog/00000000000000000000.tmp",
-];
-
 /// Packs the files of a data directory that the target knows into its archive format:
 /// `[which: u8][len: u32 LE][bytes]` per file. Trailing zeros (the reserved end of an
 /// active segment or queue file) are left out: they read the same as a shorter file.
 fn pack(dir: &Path, skip: &[usize], cut: Option<(usize, usize)>) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, rel) in STORE_OPEN_FILES.iter().enumerate() {
-        let (path, prefix) = if *rel == "commitlog/<start>" {
+        let (path, prefix) = if *rel == LATER_SEGMENT {
             // The second segment, named by its start offset: the offset goes first.
             let mut names: Vec<String> = fs::read_dir(dir.join("commitlog"))
                 .expect("list segments")
@@ -223,10 +201,7 @@ fn pack(dir: &Path, skip: &[usize], cut: Option<(usize, usize)>) -> Vec<u8> {
         {
             b.truncate(keep.min(b.len()));
         }
-        out.push(i as u8);
-        out.extend_from_slice(&((prefix.len() + b.len()) as u32).to_le_bytes());
-        out.extend_from_slice(&prefix);
-        out.extend_from_slice(&b);
+        push_entry(&mut out, i, &[prefix, b].concat());
     }
     out
 }
@@ -263,7 +238,7 @@ fn store_open_seeds() -> Seeds {
         "the seed store should span exactly two segments"
     );
     for rel in &STORE_OPEN_FILES[..9] {
-        let seen = *rel == "commitlog/<start>";
+        let seen = *rel == LATER_SEGMENT;
         assert!(
             seen || dir.join(rel).is_file(),
             "the seed store wrote no {rel}"
@@ -286,17 +261,6 @@ fn store_open_seeds() -> Seeds {
     fs::remove_dir_all(&dir).expect("remove temp store");
     seeds
 }
-
-/// The `broker_open` target's paths, in its order (`which` byte = index).
-const BROKER_OPEN_FILES: [&str; 7] = [
-    "meta/topics.json",
-    "meta/groups.json",
-    "meta/pop-snapshot.json",
-    "meta/offsets-snapshot.json",
-    "meta/tx-snapshot.json",
-    "timer/checkpoint",
-    "meta/topics.json.tmp",
-];
 
 /// The persisted state of a real broker: topics of every type, groups, messages in flight
 /// and acknowledged, committed offsets, a pending transaction and pending delay messages.
@@ -394,9 +358,7 @@ fn broker_open_seeds() -> Seeds {
     let mut out = Vec::new();
     for (i, rel) in BROKER_OPEN_FILES.iter().enumerate() {
         if let Ok(b) = fs::read(dir.join(rel)) {
-            out.push(i as u8);
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(&b);
+            push_entry(&mut out, i, &b);
         }
     }
     for rel in &BROKER_OPEN_FILES[..5] {
@@ -406,9 +368,7 @@ fn broker_open_seeds() -> Seeds {
         let mut v = Vec::new();
         for (i, rel) in BROKER_OPEN_FILES[..2].iter().enumerate() {
             let b = fs::read(dir.join(rel)).expect("read");
-            v.push(i as u8);
-            v.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            v.extend_from_slice(&b);
+            push_entry(&mut v, i, &b);
         }
         v
     };
