@@ -10,6 +10,8 @@ use parking_lot::Mutex;
 use sluice_proto::v2;
 use tokio::sync::mpsc;
 
+use crate::namespace;
+
 pub type TelemetrySender = mpsc::Sender<Result<v2::TelemetryCommand, tonic::Status>>;
 
 #[derive(Debug, Clone)]
@@ -22,6 +24,8 @@ pub struct Renewal {
 #[derive(Default)]
 struct Client {
     settings: Option<v2::Settings>,
+    /// The `x-mq-namespace` header of its Telemetry stream.
+    namespace: String,
     telemetry: Option<(u64, TelemetrySender)>,
     last_seen: Option<Instant>,
     renewals: HashMap<String, Renewal>,
@@ -42,10 +46,11 @@ impl Clients {
             .last_seen = Some(Instant::now());
     }
 
-    pub fn set_settings(&self, id: &str, s: v2::Settings) {
+    pub fn set_settings(&self, id: &str, s: v2::Settings, namespace: &str) {
         let mut all = self.inner.lock();
         let c = all.entry(id.to_owned()).or_default();
         c.settings = Some(s);
+        c.namespace = namespace.to_owned();
         c.last_seen = Some(Instant::now());
     }
 
@@ -117,14 +122,15 @@ impl Clients {
         }
     }
 
-    /// Telemetry streams that may answer a transaction check of `topic`: the `preferred`
+    /// Telemetry streams that may answer a transaction check of `topic` (the broker's
+    /// name), each with the namespace its client names the topic in: the `preferred`
     /// client's (the producer that sent the message) if it is connected, else those of
     /// every connected producer whose settings publish to the topic, ordered by client id.
     pub fn transaction_checkers(
         &self,
         preferred: Option<&str>,
         topic: &str,
-    ) -> Vec<TelemetrySender> {
+    ) -> Vec<(TelemetrySender, String)> {
         let all = self.inner.lock();
         let live = |c: &Client| {
             c.telemetry
@@ -132,20 +138,80 @@ impl Clients {
                 .filter(|(_, tx)| !tx.is_closed())
                 .map(|(_, tx)| tx.clone())
         };
-        if let Some(tx) = preferred.and_then(|id| all.get(id)).and_then(live) {
-            return vec![tx];
+        // The publishing topic of a client's settings that is `topic`, if any.
+        let publishes = |c: &Client| -> Option<String> {
+            match c.settings.as_ref().and_then(|s| s.pub_sub.as_ref()) {
+                Some(v2::settings::PubSub::Publishing(p)) => p.topics.iter().find_map(|t| {
+                    let ns = namespace::of(&c.namespace, Some(t));
+                    (namespace::check(ns).is_ok() && namespace::wrap(ns, &t.name) == topic)
+                        .then(|| ns.to_owned())
+                }),
+                _ => None,
+            }
+        };
+        if let Some(c) = preferred.and_then(|id| all.get(id)) {
+            if let Some(tx) = live(c) {
+                let ns = publishes(c).unwrap_or_else(|| c.namespace.clone());
+                return vec![(tx, ns)];
+            }
         }
-        let mut found: Vec<(&String, TelemetrySender)> = all
+        let mut found: Vec<(&String, TelemetrySender, String)> = all
             .iter()
-            .filter(|(_, c)| {
-                matches!(
-                    c.settings.as_ref().and_then(|s| s.pub_sub.as_ref()),
-                    Some(v2::settings::PubSub::Publishing(p)) if p.topics.iter().any(|t| t.name == topic)
-                )
+            .filter_map(|(id, c)| {
+                let ns = publishes(c)?;
+                Some((id, live(c)?, ns))
             })
-            .filter_map(|(id, c)| Some((id, live(c)?)))
             .collect();
         found.sort_by(|a, b| a.0.cmp(b.0));
-        found.into_iter().map(|(_, tx)| tx).collect()
+        found.into_iter().map(|(_, tx, ns)| (tx, ns)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publishing(topics: &[(&str, &str)]) -> v2::Settings {
+        v2::Settings {
+            pub_sub: Some(v2::settings::PubSub::Publishing(v2::Publishing {
+                topics: topics
+                    .iter()
+                    .map(|(ns, name)| v2::Resource {
+                        resource_namespace: (*ns).into(),
+                        name: (*name).into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn transaction_checks_go_to_producers_of_the_namespaced_topic() {
+        let c = Clients::default();
+        let (tx, _rx1) = mpsc::channel(4);
+        let (tx2, _rx2) = mpsc::channel(4);
+        let (tx3, _rx3) = mpsc::channel(4);
+        // Namespace in the header only (Node.js), in the resource only, and none.
+        c.set_telemetry("node", tx);
+        c.set_settings("node", publishing(&[("", "t")]), "prod");
+        c.set_telemetry("py", tx2);
+        c.set_settings("py", publishing(&[("prod", "t")]), "");
+        c.set_telemetry("rust", tx3);
+        c.set_settings("rust", publishing(&[("", "t")]), "");
+        let ns =
+            |v: Vec<(TelemetrySender, String)>| v.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
+        assert_eq!(
+            ns(c.transaction_checkers(None, "prod%t")),
+            vec!["prod", "prod"]
+        );
+        assert_eq!(ns(c.transaction_checkers(None, "t")), vec![""]);
+        assert!(c.transaction_checkers(None, "dev%t").is_empty());
+        // The producer that sent the message is asked first, in its namespace.
+        assert_eq!(
+            ns(c.transaction_checkers(Some("py"), "prod%t")),
+            vec!["prod"]
+        );
     }
 }

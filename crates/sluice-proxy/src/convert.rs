@@ -108,7 +108,13 @@ pub fn from_pb(m: v2::Message, max_body: usize) -> Result<Message, BrokerError> 
 }
 
 /// Builds the protocol message of a delivery.
-pub fn delivery_to_pb(d: &Delivery, store_host: &str, invisible: Duration) -> v2::Message {
+/// `ns`: the namespace of the client it goes to (see [`crate::namespace`]).
+pub fn delivery_to_pb(
+    d: &Delivery,
+    store_host: &str,
+    invisible: Duration,
+    ns: &str,
+) -> v2::Message {
     let m = &d.message;
     let sp = v2::SystemProperties {
         tag: m.tag.clone(),
@@ -134,10 +140,7 @@ pub fn delivery_to_pb(d: &Delivery, store_host: &str, invisible: Duration) -> v2
         ..Default::default()
     };
     v2::Message {
-        topic: Some(v2::Resource {
-            resource_namespace: String::new(),
-            name: m.topic.clone(),
-        }),
+        topic: Some(crate::namespace::resource(ns, &m.topic)),
         user_properties: m.user_properties.clone().into_iter().collect(),
         system_properties: Some(sp),
         body: m.body.to_vec(),

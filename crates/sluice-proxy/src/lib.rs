@@ -10,6 +10,7 @@ pub mod codes;
 mod convert;
 mod incoming;
 mod metrics;
+pub mod namespace;
 mod pull;
 mod service;
 mod transactions;

@@ -12,8 +12,8 @@ use crate::convert::{delivery_to_pb, dur, ts_to_ms};
 use crate::service::{Ctx, Service};
 
 /// A pulled message: no receipt handle, invisible time or delivery attempt.
-fn pulled_to_pb(d: &Delivery, host: &str) -> v2::Message {
-    let mut m = delivery_to_pb(d, host, Duration::ZERO);
+fn pulled_to_pb(d: &Delivery, host: &str, ns: &str) -> v2::Message {
+    let mut m = delivery_to_pb(d, host, Duration::ZERO, ns);
     if let Some(sp) = m.system_properties.as_mut() {
         sp.receipt_handle = None;
         sp.invisible_duration = None;
@@ -36,19 +36,15 @@ fn frames(st: v2::Status, msgs: Vec<v2::Message>, next: i64) -> Vec<v2::PullMess
     out
 }
 
-/// Topic and queue id of a request's message queue.
-fn queue(q: &Option<v2::MessageQueue>) -> Result<(String, u32), BrokerError> {
+/// Topic (the broker's name) and queue id of a request's message queue.
+fn queue(c: &Ctx, q: &Option<v2::MessageQueue>) -> Result<(String, u32), BrokerError> {
     let q = q
         .as_ref()
         .ok_or_else(|| BrokerError::BadRequest("message_queue is required".into()))?;
-    let topic = q.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+    let topic = c.resolve(&q.topic)?;
     let id = u32::try_from(q.id)
         .map_err(|_| BrokerError::BadRequest(format!("queue id {} is not valid", q.id)))?;
     Ok((topic, id))
-}
-
-fn group(g: &Option<v2::Resource>) -> String {
-    g.as_ref().map(|g| g.name.clone()).unwrap_or_default()
 }
 
 impl<M: Messaging> Service<M> {
@@ -70,10 +66,15 @@ impl<M: Messaging> Service<M> {
         };
         self.clients.touch(&client);
         let fail = |e: BrokerError| frames(error_status(c.dialect, &e), vec![], asked);
-        let (topic, q) = match queue(&r.message_queue) {
+        let (topic, q) = match queue(c, &r.message_queue) {
             Ok(x) => x,
             Err(e) => return fail(e),
         };
+        let group = match c.resolve(&r.group) {
+            Ok(g) => g,
+            Err(e) => return fail(e),
+        };
+        let ns = c.namespace_of(r.message_queue.as_ref().and_then(|q| q.topic.as_ref()));
         let offset = match u64::try_from(r.offset) {
             Ok(o) => o,
             Err(_) => {
@@ -110,7 +111,7 @@ impl<M: Messaging> Service<M> {
             poll = poll.min(t.saturating_sub(reserve));
         }
         let req = PullRequest {
-            group: group(&r.group),
+            group,
             topic,
             queue: q,
             offset,
@@ -129,7 +130,7 @@ impl<M: Messaging> Service<M> {
                 let msgs = res
                     .messages
                     .iter()
-                    .map(|d| pulled_to_pb(d, &host))
+                    .map(|d| pulled_to_pb(d, &host, ns))
                     .collect();
                 frames(ok(), msgs, next)
             }
@@ -171,12 +172,11 @@ impl<M: Messaging> Service<M> {
         r: v2::UpdateOffsetRequest,
     ) -> v2::UpdateOffsetResponse {
         let res = async {
-            let (topic, q) = queue(&r.message_queue)?;
+            let (topic, q) = queue(c, &r.message_queue)?;
+            let group = c.resolve(&r.group)?;
             let offset = u64::try_from(r.offset)
                 .map_err(|_| BrokerError::IllegalOffset(format!("{} is negative", r.offset)))?;
-            self.m
-                .update_offset(&group(&r.group), &topic, q, offset)
-                .await
+            self.m.update_offset(&group, &topic, q, offset).await
         }
         .await;
         v2::UpdateOffsetResponse {
@@ -192,8 +192,8 @@ impl<M: Messaging> Service<M> {
         c: &Ctx,
         r: v2::GetOffsetRequest,
     ) -> v2::GetOffsetResponse {
-        let res = queue(&r.message_queue)
-            .and_then(|(topic, q)| self.m.get_offset(&group(&r.group), &topic, q));
+        let res = queue(c, &r.message_queue)
+            .and_then(|(topic, q)| self.m.get_offset(&c.resolve(&r.group)?, &topic, q));
         match res {
             Ok(Some(o)) => v2::GetOffsetResponse {
                 status: Some(ok()),
@@ -219,7 +219,7 @@ impl<M: Messaging> Service<M> {
         c: &Ctx,
         r: v2::QueryOffsetRequest,
     ) -> v2::QueryOffsetResponse {
-        let res = queue(&r.message_queue).and_then(|(topic, q)| {
+        let res = queue(c, &r.message_queue).and_then(|(topic, q)| {
             let query = match v2::QueryOffsetPolicy::try_from(r.query_offset_policy) {
                 Ok(v2::QueryOffsetPolicy::Beginning) => OffsetQuery::Beginning,
                 Ok(v2::QueryOffsetPolicy::End) => OffsetQuery::End,

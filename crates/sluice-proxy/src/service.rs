@@ -16,6 +16,7 @@ use crate::ProxyConfig;
 use crate::clients::{Clients, Renewal};
 use crate::codes::{Dialect, error_status, ok, status};
 use crate::convert::{delivery_to_pb, dur, from_pb, ms_to_ts, pb_message_type, to_pb_duration};
+use crate::namespace;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -27,6 +28,20 @@ pub(crate) struct Ctx {
     /// Time left before the client gives up (gRPC deadline).
     pub timeout: Option<Duration>,
     pub local: Option<std::net::SocketAddr>,
+    /// The `x-mq-namespace` header (empty when absent; see [`crate::namespace`]).
+    pub namespace: String,
+}
+
+impl Ctx {
+    /// The broker's name of a resource of the request.
+    pub(crate) fn resolve(&self, r: &Option<v2::Resource>) -> Result<String, BrokerError> {
+        namespace::resolve(&self.namespace, r)
+    }
+
+    /// The namespace a resource of the request is in.
+    pub(crate) fn namespace_of<'a>(&'a self, r: Option<&'a v2::Resource>) -> &'a str {
+        namespace::of(&self.namespace, r)
+    }
 }
 
 /// Parses a `grpc-timeout` header value (`<digits><H|M|S|m|u|n>`).
@@ -58,11 +73,26 @@ fn ctx<T>(req: &Request<T>) -> Ctx {
         },
         timeout: get("grpc-timeout").as_deref().and_then(parse_grpc_timeout),
         local: req.local_addr(),
+        namespace: get("x-mq-namespace").unwrap_or_default(),
     }
 }
 
-fn name(r: &Option<v2::Resource>) -> String {
-    r.as_ref().map(|r| r.name.clone()).unwrap_or_default()
+/// The broker's name of a resource, or the request's answer with the error status.
+macro_rules! resolve {
+    ($ctx:expr, $res:expr, $resp:expr) => {
+        match $ctx.resolve($res) {
+            Ok(n) => n,
+            Err(e) => {
+                #[allow(clippy::field_reassign_with_default)]
+                let r = {
+                    let mut r = $resp;
+                    r.status = Some(error_status($ctx.dialect, &e));
+                    r
+                };
+                return Ok(Response::new(r));
+            }
+        }
+    };
 }
 
 pub struct Service<M: Messaging> {
@@ -111,7 +141,8 @@ impl<M: Messaging> Service<M> {
     }
 
     /// The settings echoed to a client: its own plus what the server decides.
-    pub(crate) fn merged_settings(&self, mut s: v2::Settings) -> v2::Settings {
+    /// `ns`: the client's namespace header.
+    pub(crate) fn merged_settings(&self, mut s: v2::Settings, ns: &str) -> v2::Settings {
         match &mut s.pub_sub {
             Some(settings::PubSub::Publishing(p)) => {
                 p.max_body_size = self.cfg.max_body_size as i32;
@@ -128,11 +159,7 @@ impl<M: Messaging> Service<M> {
                 });
             }
             Some(settings::PubSub::Subscription(sub)) => {
-                let group = sub
-                    .group
-                    .as_ref()
-                    .map(|g| g.name.clone())
-                    .unwrap_or_default();
+                let group = namespace::resolve(ns, &sub.group).unwrap_or_default();
                 let g = self.m.group_config(&group).ok();
                 sub.fifo = Some(g.as_ref().is_some_and(|g| g.fifo));
                 if sub.receive_batch_size.is_none_or(|b| b <= 0) {
@@ -246,7 +273,8 @@ impl<M: Messaging> MessagingService for Service<M> {
         let c = ctx(&req);
         let _id = require_client!(c, v2::QueryRouteResponse::default());
         let r = req.into_inner();
-        let topic = name(&r.topic);
+        let topic = resolve!(c, &r.topic, v2::QueryRouteResponse::default());
+        let client_topic = namespace::resource(c.namespace_of(r.topic.as_ref()), &topic);
         let mut resp = v2::QueryRouteResponse::default();
         match self.m.route(&topic) {
             Ok(route) => {
@@ -266,7 +294,7 @@ impl<M: Messaging> MessagingService for Service<M> {
                 resp.message_queues =
                     (0..route.topic.queues)
                         .map(|q| v2::MessageQueue {
-                            topic: r.topic.clone(),
+                            topic: Some(client_topic.clone()),
                             id: q as i32,
                             permission: v2::Permission::ReadWrite as i32,
                             broker: Some(broker.clone()),
@@ -318,7 +346,19 @@ impl<M: Messaging> MessagingService for Service<M> {
         let mut results: Vec<Option<Result<sluice_broker::SendReceipt, BrokerError>>> = Vec::new();
         let mut valid = Vec::new();
         let mut slots = Vec::new();
-        for (i, m) in r.messages.into_iter().enumerate() {
+        for (i, mut m) in r.messages.into_iter().enumerate() {
+            match c.resolve(&m.topic) {
+                Ok(t) => {
+                    m.topic = Some(v2::Resource {
+                        resource_namespace: String::new(),
+                        name: t,
+                    })
+                }
+                Err(e) => {
+                    results.push(Some(Err(e)));
+                    continue;
+                }
+            }
             if m.body.len() > self.cfg.max_body_size.max(1) * 2 {
                 results.push(Some(Err(BrokerError::BodyTooLarge {
                     size: m.body.len(),
@@ -378,14 +418,17 @@ impl<M: Messaging> MessagingService for Service<M> {
         self.clients.touch(&id);
         let r = req.into_inner();
         let mut resp = v2::QueryAssignmentResponse::default();
-        let group = match self.m.group_config(&name(&r.group)) {
+        let group = resolve!(c, &r.group, v2::QueryAssignmentResponse::default());
+        let topic = resolve!(c, &r.topic, v2::QueryAssignmentResponse::default());
+        let client_topic = namespace::resource(c.namespace_of(r.topic.as_ref()), &topic);
+        let group = match self.m.group_config(&group) {
             Ok(g) => g,
             Err(e) => {
                 resp.status = Some(error_status(c.dialect, &e));
                 return Ok(Response::new(resp));
             }
         };
-        match self.m.route(&name(&r.topic)) {
+        match self.m.route(&topic) {
             Ok(route) => {
                 let endpoints = endpoints_or_local(r.endpoints, c.local);
                 let broker = v2::Broker {
@@ -395,7 +438,7 @@ impl<M: Messaging> MessagingService for Service<M> {
                 };
                 let mq = |id: i32| v2::Assignment {
                     message_queue: Some(v2::MessageQueue {
-                        topic: r.topic.clone(),
+                        topic: Some(client_topic.clone()),
                         id,
                         permission: v2::Permission::ReadWrite as i32,
                         broker: Some(broker.clone()),
@@ -459,12 +502,12 @@ impl<M: Messaging> MessagingService for Service<M> {
         };
         self.clients.touch(&client);
         let r = req.into_inner();
-        let topic = r
-            .message_queue
-            .as_ref()
-            .map(|q| name(&q.topic))
-            .unwrap_or_default();
-        let group = name(&r.group);
+        let topic_res = r.message_queue.as_ref().and_then(|q| q.topic.clone());
+        let (topic, group) = match (c.resolve(&topic_res), c.resolve(&r.group)) {
+            (Ok(t), Ok(g)) => (t, g),
+            (Err(e), _) | (_, Err(e)) => return Ok(frames(error_status(c.dialect, &e), vec![])),
+        };
+        let ns = c.namespace_of(topic_res.as_ref());
         let filter = match &r.filter_expression {
             None => Ok(Filter::All),
             Some(f) => {
@@ -548,7 +591,7 @@ impl<M: Messaging> MessagingService for Service<M> {
                 }
                 let msgs = ds
                     .iter()
-                    .map(|d| delivery_to_pb(d, &host, invisible))
+                    .map(|d| delivery_to_pb(d, &host, invisible, ns))
                     .collect();
                 Ok(frames(ok(), msgs))
             }
@@ -563,7 +606,8 @@ impl<M: Messaging> MessagingService for Service<M> {
         let c = ctx(&req);
         let id = require_client!(c, v2::AckMessageResponse::default());
         let r = req.into_inner();
-        let (group, topic) = (name(&r.group), name(&r.topic));
+        let group = resolve!(c, &r.group, v2::AckMessageResponse::default());
+        let topic = resolve!(c, &r.topic, v2::AckMessageResponse::default());
         let handles: Vec<String> = r.entries.iter().map(|e| e.receipt_handle.clone()).collect();
         for h in &handles {
             self.clients.remove_renewal(&id, h);
@@ -601,10 +645,13 @@ impl<M: Messaging> MessagingService for Service<M> {
         let c = ctx(&req);
         let id = require_client!(c, v2::ForwardMessageToDeadLetterQueueResponse::default());
         let r = req.into_inner();
+        let resp = v2::ForwardMessageToDeadLetterQueueResponse::default;
+        let group = resolve!(c, &r.group, resp());
+        let topic = resolve!(c, &r.topic, resp());
         self.clients.remove_renewal(&id, &r.receipt_handle);
         let st = match self
             .m
-            .forward_to_dead_letter(&name(&r.group), &name(&r.topic), &r.receipt_handle)
+            .forward_to_dead_letter(&group, &topic, &r.receipt_handle)
             .await
         {
             Ok(()) => ok(),
@@ -690,11 +737,11 @@ impl<M: Messaging> MessagingService for Service<M> {
         tokio::spawn(async move {
             while let Ok(Some(cmd)) = inbound.message().await {
                 if let Some(telemetry_command::Command::Settings(s)) = cmd.command {
-                    clients.set_settings(&client, s.clone());
+                    clients.set_settings(&client, s.clone(), &c.namespace);
                     let reply = v2::TelemetryCommand {
                         status: Some(ok()),
                         command: Some(telemetry_command::Command::Settings(
-                            this.merged_settings(s),
+                            this.merged_settings(s, &c.namespace),
                         )),
                     };
                     if tx.send(Ok(reply)).await.is_err() {
@@ -730,6 +777,8 @@ impl<M: Messaging> MessagingService for Service<M> {
         let c = ctx(&req);
         let id = require_client!(c, v2::ChangeInvisibleDurationResponse::default());
         let r = req.into_inner();
+        let group = resolve!(c, &r.group, v2::ChangeInvisibleDurationResponse::default());
+        let topic = resolve!(c, &r.topic, v2::ChangeInvisibleDurationResponse::default());
         self.clients.remove_renewal(&id, &r.receipt_handle);
         let Some(d) = r.invisible_duration.as_ref().and_then(dur) else {
             return Ok(Response::new(v2::ChangeInvisibleDurationResponse {
@@ -743,7 +792,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         };
         let resp = match self
             .m
-            .change_invisible(&name(&r.group), &name(&r.topic), &r.receipt_handle, d)
+            .change_invisible(&group, &topic, &r.receipt_handle, d)
             .await
         {
             Ok(h) => v2::ChangeInvisibleDurationResponse {
@@ -764,7 +813,8 @@ impl<M: Messaging> MessagingService for Service<M> {
     ) -> Result<Response<v2::RecallMessageResponse>, Status> {
         let c = ctx(&req);
         let r = req.into_inner();
-        let resp = match self.m.recall(&name(&r.topic), &r.recall_handle).await {
+        let topic = resolve!(c, &r.topic, v2::RecallMessageResponse::default());
+        let resp = match self.m.recall(&topic, &r.recall_handle).await {
             Ok(message_id) => v2::RecallMessageResponse {
                 status: Some(ok()),
                 message_id,

@@ -17,7 +17,8 @@ use crate::service::{Ctx, Service};
 
 /// The message of a check as the clients expect it: the half message with its system
 /// properties (message id, body digest, type TRANSACTION, times), without consumer fields.
-pub(crate) fn check_message_to_pb(c: &TransactionCheck) -> v2::Message {
+/// `ns`: the namespace of the producer it goes to.
+pub(crate) fn check_message_to_pb(c: &TransactionCheck, ns: &str) -> v2::Message {
     let d = Delivery {
         message: c.message.clone(),
         queue_id: c.message.queue_id.unwrap_or(0),
@@ -27,7 +28,7 @@ pub(crate) fn check_message_to_pb(c: &TransactionCheck) -> v2::Message {
         delivery_attempt: 1,
         invisible_until_ms: 0,
     };
-    let mut m = delivery_to_pb(&d, "", Duration::ZERO);
+    let mut m = delivery_to_pb(&d, "", Duration::ZERO, ns);
     if let Some(sp) = m.system_properties.as_mut() {
         sp.receipt_handle = None;
         sp.invisible_duration = None;
@@ -68,8 +69,16 @@ impl<M: Messaging> Service<M> {
         } else {
             TransactionSource::Client
         };
+        let topic = match c.resolve(&r.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                return v2::EndTransactionResponse {
+                    status: Some(error_status(c.dialect, &e)),
+                };
+            }
+        };
         let req = EndTransaction {
-            topic: r.topic.map(|t| t.name).unwrap_or_default(),
+            topic,
             message_id: r.message_id,
             transaction_id: r.transaction_id,
             resolution,
@@ -92,13 +101,13 @@ impl<M: Messaging> Service<M> {
             tracing::debug!(txid = %check.transaction_id, topic = %check.topic, "no producer connected to answer a transaction check");
             return;
         }
-        let tx = &targets[(check.attempt as usize).saturating_sub(1) % targets.len()];
+        let (tx, ns) = &targets[(check.attempt as usize).saturating_sub(1) % targets.len()];
         let cmd = v2::TelemetryCommand {
             status: Some(ok()),
             command: Some(
                 telemetry_command::Command::RecoverOrphanedTransactionCommand(
                     v2::RecoverOrphanedTransactionCommand {
-                        message: Some(check_message_to_pb(&check)),
+                        message: Some(check_message_to_pb(&check, ns)),
                         transaction_id: check.transaction_id.clone(),
                     },
                 ),

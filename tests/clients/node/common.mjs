@@ -63,6 +63,7 @@ export function parseOptions(extra = {}, required = []) {
       endpoint: { type: 'string', default: process.env.SLUICE_ENDPOINT },
       topic: { type: 'string', default: process.env.SLUICE_TOPIC },
       group: { type: 'string', default: process.env.SLUICE_GROUP },
+      namespace: { type: 'string', default: process.env.SLUICE_NAMESPACE ?? '' },
       timeout: { type: 'string', default: '120' },
       'request-timeout': { type: 'string', default: '5000' },
       help: { type: 'boolean', default: false },
@@ -71,7 +72,7 @@ export function parseOptions(extra = {}, required = []) {
     strict: true,
   });
   if (values.help) {
-    process.stderr.write(`options: ${Object.keys({ endpoint: 1, topic: 1, group: 1, timeout: 1, 'request-timeout': 1, ...extra }).map(k => '--' + k).join(' ')}\n`);
+    process.stderr.write(`options: ${Object.keys({ endpoint: 1, topic: 1, group: 1, namespace: 1, timeout: 1, 'request-timeout': 1, ...extra }).map(k => '--' + k).join(' ')}\n`);
     process.exit(0);
   }
   const missing = required.filter(k => !values[k]);
@@ -85,7 +86,7 @@ export function parseOptions(extra = {}, required = []) {
 export function clientOptions(opts) {
   return {
     endpoints: opts.endpoint,
-    namespace: '',
+    namespace: opts.namespace ?? '',
     requestTimeout: Number(opts['request-timeout']),
     logger: clientLogger,
   };

@@ -67,6 +67,8 @@ def base_parser(description: str, group: bool = True) -> argparse.ArgumentParser
     if group:
         p.add_argument("--group", default=os.environ.get("SLUICE_GROUP"),
                        help="consumer group (env SLUICE_GROUP)")
+    p.add_argument("--namespace", default=os.environ.get("SLUICE_NAMESPACE", ""),
+                   help="client namespace (env SLUICE_NAMESPACE; default none)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="hard deadline for the whole script, seconds")
     p.add_argument("--request-timeout", type=int, default=5,
@@ -83,7 +85,8 @@ def check_required(args, *names):
 
 def client_config(args) -> ClientConfiguration:
     # No credentials: authentication disabled on the test server.
-    return ClientConfiguration(args.endpoint, Credentials(), request_timeout=args.request_timeout)
+    return ClientConfiguration(args.endpoint, Credentials(), namespace=args.namespace or "",
+                               request_timeout=args.request_timeout)
 
 
 def new_run_id() -> str:
