@@ -5,6 +5,7 @@
 //! *Architecture invariant*: stateless apart from soft, per-connection client state
 //! (settings, auto-renewed receipts); it never touches the store.
 
+pub mod auth;
 mod clients;
 pub mod codes;
 mod convert;
@@ -38,6 +39,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Time a new connection has to send the HTTP/2 preface before it is closed.
     pub handshake_timeout: Duration,
+    /// Users and their permissions; `None`: no authentication (see [`auth`]).
+    pub acl: Option<Arc<auth::Acl>>,
 }
 
 impl Default for ProxyConfig {
@@ -49,6 +52,7 @@ impl Default for ProxyConfig {
             max_decoding_message_size: 8 << 20,
             max_connections: 16_384,
             handshake_timeout: Duration::from_secs(10),
+            acl: None,
         }
     }
 }

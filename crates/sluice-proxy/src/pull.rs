@@ -7,6 +7,7 @@ use sluice_broker::filter::{Filter, FilterKind};
 use sluice_broker::{BrokerError, Delivery, Messaging, OffsetQuery, PullRequest, PullStatus};
 use sluice_proto::v2::{self, Code, pull_message_response::Content};
 
+use crate::auth::Action;
 use crate::codes::{error_status, ok, status};
 use crate::convert::{delivery_to_pb, dur, ts_to_ms};
 use crate::service::{Ctx, Service};
@@ -47,6 +48,32 @@ fn queue(c: &Ctx, q: &Option<v2::MessageQueue>) -> Result<(String, u32), BrokerE
     Ok((topic, id))
 }
 
+/// Why an offset request fails: the broker's error, or the ACL's.
+enum Fail {
+    Broker(BrokerError),
+    Denied(Code, String),
+}
+
+impl From<BrokerError> for Fail {
+    fn from(e: BrokerError) -> Fail {
+        Fail::Broker(e)
+    }
+}
+
+impl Fail {
+    fn status(self, c: &Ctx) -> v2::Status {
+        match self {
+            Fail::Broker(e) => error_status(c.dialect, &e),
+            Fail::Denied(code, msg) => status(c.dialect, code, msg),
+        }
+    }
+}
+
+fn allow(c: &Ctx, actions: &[Action<'_>]) -> Result<(), Fail> {
+    c.allow(actions)
+        .map_err(|(code, msg)| Fail::Denied(code, msg))
+}
+
 impl<M: Messaging> Service<M> {
     /// The frames of a PullMessage stream: status, messages, next offset (also after
     /// errors, where it is the requested offset).
@@ -74,6 +101,9 @@ impl<M: Messaging> Service<M> {
             Ok(g) => g,
             Err(e) => return fail(e),
         };
+        if let Err((code, msg)) = c.allow(&[Action::Subscribe(&topic), Action::Group(&group)]) {
+            return frames(status(c.dialect, code, msg), vec![], asked);
+        }
         let ns = c.namespace_of(r.message_queue.as_ref().and_then(|q| q.topic.as_ref()));
         let offset = match u64::try_from(r.offset) {
             Ok(o) => o,
@@ -174,15 +204,16 @@ impl<M: Messaging> Service<M> {
         let res = async {
             let (topic, q) = queue(c, &r.message_queue)?;
             let group = c.resolve(&r.group)?;
+            allow(c, &[Action::Subscribe(&topic), Action::Group(&group)])?;
             let offset = u64::try_from(r.offset)
                 .map_err(|_| BrokerError::IllegalOffset(format!("{} is negative", r.offset)))?;
-            self.m.update_offset(&group, &topic, q, offset).await
+            Ok::<(), Fail>(self.m.update_offset(&group, &topic, q, offset).await?)
         }
         .await;
         v2::UpdateOffsetResponse {
             status: Some(match res {
                 Ok(()) => ok(),
-                Err(e) => error_status(c.dialect, &e),
+                Err(e) => e.status(c),
             }),
         }
     }
@@ -193,7 +224,12 @@ impl<M: Messaging> Service<M> {
         r: v2::GetOffsetRequest,
     ) -> v2::GetOffsetResponse {
         let res = queue(c, &r.message_queue)
-            .and_then(|(topic, q)| self.m.get_offset(&c.resolve(&r.group)?, &topic, q));
+            .map_err(Fail::from)
+            .and_then(|(topic, q)| {
+                let group = c.resolve(&r.group)?;
+                allow(c, &[Action::Subscribe(&topic), Action::Group(&group)])?;
+                Ok(self.m.get_offset(&group, &topic, q)?)
+            });
         match res {
             Ok(Some(o)) => v2::GetOffsetResponse {
                 status: Some(ok()),
@@ -208,7 +244,7 @@ impl<M: Messaging> Service<M> {
                 offset: 0,
             },
             Err(e) => v2::GetOffsetResponse {
-                status: Some(error_status(c.dialect, &e)),
+                status: Some(e.status(c)),
                 offset: 0,
             },
         }
@@ -219,34 +255,39 @@ impl<M: Messaging> Service<M> {
         c: &Ctx,
         r: v2::QueryOffsetRequest,
     ) -> v2::QueryOffsetResponse {
-        let res = queue(c, &r.message_queue).and_then(|(topic, q)| {
-            let query = match v2::QueryOffsetPolicy::try_from(r.query_offset_policy) {
-                Ok(v2::QueryOffsetPolicy::Beginning) => OffsetQuery::Beginning,
-                Ok(v2::QueryOffsetPolicy::End) => OffsetQuery::End,
-                Ok(v2::QueryOffsetPolicy::Timestamp) => match &r.timestamp {
-                    Some(ts) => OffsetQuery::Timestamp(ts_to_ms(ts)),
-                    None => {
-                        return Err(BrokerError::BadRequest(
-                            "a TIMESTAMP query needs a timestamp".into(),
-                        ));
+        let res = queue(c, &r.message_queue)
+            .map_err(Fail::from)
+            .and_then(|(topic, q)| {
+                allow(c, &[Action::Subscribe(&topic)])?;
+                let query = match v2::QueryOffsetPolicy::try_from(r.query_offset_policy) {
+                    Ok(v2::QueryOffsetPolicy::Beginning) => OffsetQuery::Beginning,
+                    Ok(v2::QueryOffsetPolicy::End) => OffsetQuery::End,
+                    Ok(v2::QueryOffsetPolicy::Timestamp) => match &r.timestamp {
+                        Some(ts) => OffsetQuery::Timestamp(ts_to_ms(ts)),
+                        None => {
+                            return Err(BrokerError::BadRequest(
+                                "a TIMESTAMP query needs a timestamp".into(),
+                            )
+                            .into());
+                        }
+                    },
+                    Err(_) => {
+                        return Err(BrokerError::BadRequest(format!(
+                            "unknown query offset policy {}",
+                            r.query_offset_policy
+                        ))
+                        .into());
                     }
-                },
-                Err(_) => {
-                    return Err(BrokerError::BadRequest(format!(
-                        "unknown query offset policy {}",
-                        r.query_offset_policy
-                    )));
-                }
-            };
-            self.m.query_offset(&topic, q, query)
-        });
+                };
+                Ok(self.m.query_offset(&topic, q, query)?)
+            });
         match res {
             Ok(o) => v2::QueryOffsetResponse {
                 status: Some(ok()),
                 offset: o as i64,
             },
             Err(e) => v2::QueryOffsetResponse {
-                status: Some(error_status(c.dialect, &e)),
+                status: Some(e.status(c)),
                 offset: 0,
             },
         }

@@ -13,6 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ProxyConfig;
+use crate::auth::{Acl, Action, AuthError, User};
 use crate::clients::{Clients, Renewal};
 use crate::codes::{Dialect, error_status, ok, status};
 use crate::convert::{delivery_to_pb, dur, from_pb, ms_to_ts, pb_message_type, to_pb_duration};
@@ -30,12 +31,37 @@ pub(crate) struct Ctx {
     pub local: Option<std::net::SocketAddr>,
     /// The `x-mq-namespace` header (empty when absent; see [`crate::namespace`]).
     pub namespace: String,
+    /// Who the request is from, when authentication is on.
+    pub auth: Auth,
+}
+
+/// The outcome of authenticating a request.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Auth {
+    /// No ACL configured: everything is allowed.
+    #[default]
+    Off,
+    User(Arc<User>),
+    Refused(AuthError),
 }
 
 impl Ctx {
     /// The broker's name of a resource of the request.
     pub(crate) fn resolve(&self, r: &Option<v2::Resource>) -> Result<String, BrokerError> {
         namespace::resolve(&self.namespace, r)
+    }
+
+    /// Whether the request may do all of `actions` (none: only be authenticated);
+    /// otherwise UNAUTHORIZED or FORBIDDEN with the reason.
+    pub(crate) fn allow(&self, actions: &[Action<'_>]) -> Result<(), (Code, String)> {
+        match &self.auth {
+            Auth::Off => Ok(()),
+            Auth::Refused(e) => Err((Code::Unauthorized, e.to_string())),
+            Auth::User(u) => actions
+                .iter()
+                .try_for_each(|a| u.check(*a))
+                .map_err(|m| (Code::Forbidden, m)),
+        }
     }
 
     /// The namespace a resource of the request is in.
@@ -62,8 +88,18 @@ pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-fn ctx<T>(req: &Request<T>) -> Ctx {
+fn ctx<T>(req: &Request<T>, acl: Option<&Acl>) -> Ctx {
     let md = req.metadata();
+    let auth = match acl {
+        None => Auth::Off,
+        Some(acl) => match acl.authenticate(
+            md.get("authorization").map(|v| v.as_bytes()),
+            md.get("x-mq-date-time").map(|v| v.as_bytes()),
+        ) {
+            Ok(u) => Auth::User(u),
+            Err(e) => Auth::Refused(e),
+        },
+    };
     let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
     Ctx {
         client_id: get("x-mq-client-id").filter(|s| !s.is_empty()),
@@ -74,7 +110,24 @@ fn ctx<T>(req: &Request<T>) -> Ctx {
         timeout: get("grpc-timeout").as_deref().and_then(parse_grpc_timeout),
         local: req.local_addr(),
         namespace: get("x-mq-namespace").unwrap_or_default(),
+        auth,
     }
+}
+
+/// Fails a request that may not do all of the given actions (none: that is not
+/// authenticated), with UNAUTHORIZED or FORBIDDEN.
+macro_rules! authorize {
+    ($ctx:expr, $resp:expr $(, $a:expr)*) => {
+        if let Err((code, msg)) = $ctx.allow(&[$($a),*]) {
+            #[allow(clippy::field_reassign_with_default)]
+            let r = {
+                let mut r = $resp;
+                r.status = Some(status($ctx.dialect, code, msg));
+                r
+            };
+            return Ok(Response::new(r));
+        }
+    };
 }
 
 /// The broker's name of a resource, or the request's answer with the error status.
@@ -270,10 +323,11 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::QueryRouteRequest>,
     ) -> Result<Response<v2::QueryRouteResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let _id = require_client!(c, v2::QueryRouteResponse::default());
         let r = req.into_inner();
         let topic = resolve!(c, &r.topic, v2::QueryRouteResponse::default());
+        authorize!(c, v2::QueryRouteResponse::default(), Action::Use(&topic));
         let client_topic = namespace::resource(c.namespace_of(r.topic.as_ref()), &topic);
         let mut resp = v2::QueryRouteResponse::default();
         match self.m.route(&topic) {
@@ -314,8 +368,9 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::HeartbeatRequest>,
     ) -> Result<Response<v2::HeartbeatResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::HeartbeatResponse::default());
+        authorize!(c, v2::HeartbeatResponse::default());
         self.clients.touch(&id);
         Ok(Response::new(v2::HeartbeatResponse { status: Some(ok()) }))
     }
@@ -324,9 +379,33 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::SendMessageRequest>,
     ) -> Result<Response<v2::SendMessageResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let client = require_client!(c, v2::SendMessageResponse::default());
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        // Topics resolved up front: a request with a topic its user may not publish to is
+        // refused as a whole, before anything is stored.
+        let mut resolved = Vec::with_capacity(r.messages.len());
+        for m in &mut r.messages {
+            let t = c.resolve(&m.topic);
+            if let Ok(t) = &t {
+                m.topic = Some(v2::Resource {
+                    resource_namespace: String::new(),
+                    name: t.clone(),
+                });
+            }
+            resolved.push(t);
+        }
+        let topics: Vec<Action<'_>> = resolved
+            .iter()
+            .filter_map(|t| t.as_deref().ok())
+            .map(Action::Publish)
+            .collect();
+        if let Err((code, msg)) = c.allow(&topics) {
+            return Ok(Response::new(v2::SendMessageResponse {
+                status: Some(status(c.dialect, code, msg)),
+                entries: vec![],
+            }));
+        }
         if r.messages.is_empty() {
             return Ok(Response::new(v2::SendMessageResponse {
                 status: Some(status(c.dialect, Code::BadRequest, "no messages")),
@@ -346,18 +425,10 @@ impl<M: Messaging> MessagingService for Service<M> {
         let mut results: Vec<Option<Result<sluice_broker::SendReceipt, BrokerError>>> = Vec::new();
         let mut valid = Vec::new();
         let mut slots = Vec::new();
-        for (i, mut m) in r.messages.into_iter().enumerate() {
-            match c.resolve(&m.topic) {
-                Ok(t) => {
-                    m.topic = Some(v2::Resource {
-                        resource_namespace: String::new(),
-                        name: t,
-                    })
-                }
-                Err(e) => {
-                    results.push(Some(Err(e)));
-                    continue;
-                }
+        for (i, (m, topic)) in r.messages.into_iter().zip(resolved).enumerate() {
+            if let Err(e) = topic {
+                results.push(Some(Err(e)));
+                continue;
             }
             if m.body.len() > self.cfg.max_body_size.max(1) * 2 {
                 results.push(Some(Err(BrokerError::BodyTooLarge {
@@ -413,13 +484,19 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::QueryAssignmentRequest>,
     ) -> Result<Response<v2::QueryAssignmentResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::QueryAssignmentResponse::default());
         self.clients.touch(&id);
         let r = req.into_inner();
         let mut resp = v2::QueryAssignmentResponse::default();
         let group = resolve!(c, &r.group, v2::QueryAssignmentResponse::default());
         let topic = resolve!(c, &r.topic, v2::QueryAssignmentResponse::default());
+        authorize!(
+            c,
+            v2::QueryAssignmentResponse::default(),
+            Action::Subscribe(&topic),
+            Action::Group(&group)
+        );
         let client_topic = namespace::resource(c.namespace_of(r.topic.as_ref()), &topic);
         let group = match self.m.group_config(&group) {
             Ok(g) => g,
@@ -466,7 +543,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::ReceiveMessageRequest>,
     ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let frames =
             |st: v2::Status, msgs: Vec<v2::Message>| -> Response<Self::ReceiveMessageStream> {
                 let mut out: Vec<Result<v2::ReceiveMessageResponse, Status>> =
@@ -507,6 +584,9 @@ impl<M: Messaging> MessagingService for Service<M> {
             (Ok(t), Ok(g)) => (t, g),
             (Err(e), _) | (_, Err(e)) => return Ok(frames(error_status(c.dialect, &e), vec![])),
         };
+        if let Err((code, msg)) = c.allow(&[Action::Subscribe(&topic), Action::Group(&group)]) {
+            return Ok(frames(status(c.dialect, code, msg), vec![]));
+        }
         let ns = c.namespace_of(topic_res.as_ref());
         let filter = match &r.filter_expression {
             None => Ok(Filter::All),
@@ -603,11 +683,17 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::AckMessageRequest>,
     ) -> Result<Response<v2::AckMessageResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::AckMessageResponse::default());
         let r = req.into_inner();
         let group = resolve!(c, &r.group, v2::AckMessageResponse::default());
         let topic = resolve!(c, &r.topic, v2::AckMessageResponse::default());
+        authorize!(
+            c,
+            v2::AckMessageResponse::default(),
+            Action::Subscribe(&topic),
+            Action::Group(&group)
+        );
         let handles: Vec<String> = r.entries.iter().map(|e| e.receipt_handle.clone()).collect();
         for h in &handles {
             self.clients.remove_renewal(&id, h);
@@ -642,12 +728,13 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Result<Response<v2::ForwardMessageToDeadLetterQueueResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::ForwardMessageToDeadLetterQueueResponse::default());
         let r = req.into_inner();
         let resp = v2::ForwardMessageToDeadLetterQueueResponse::default;
         let group = resolve!(c, &r.group, resp());
         let topic = resolve!(c, &r.topic, resp());
+        authorize!(c, resp(), Action::Subscribe(&topic), Action::Group(&group));
         self.clients.remove_renewal(&id, &r.receipt_handle);
         let st = match self
             .m
@@ -668,7 +755,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::PullMessageRequest>,
     ) -> Result<Response<Self::PullMessageStream>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let frames = self.pull_impl(&c, req.into_inner()).await;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             frames.into_iter().map(Ok),
@@ -679,7 +766,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::UpdateOffsetRequest>,
     ) -> Result<Response<v2::UpdateOffsetResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let _id = require_client!(c, v2::UpdateOffsetResponse::default());
         Ok(Response::new(
             self.update_offset_impl(&c, req.into_inner()).await,
@@ -690,7 +777,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::GetOffsetRequest>,
     ) -> Result<Response<v2::GetOffsetResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let _id = require_client!(c, v2::GetOffsetResponse::default());
         Ok(Response::new(self.get_offset_impl(&c, req.into_inner())))
     }
@@ -699,7 +786,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::QueryOffsetRequest>,
     ) -> Result<Response<v2::QueryOffsetResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let _id = require_client!(c, v2::QueryOffsetResponse::default());
         Ok(Response::new(self.query_offset_impl(&c, req.into_inner())))
     }
@@ -708,7 +795,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::EndTransactionRequest>,
     ) -> Result<Response<v2::EndTransactionResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let _id = require_client!(c, v2::EndTransactionResponse::default());
         Ok(Response::new(
             self.end_transaction_impl(&c, req.into_inner()).await,
@@ -721,7 +808,10 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<Streaming<v2::TelemetryCommand>>,
     ) -> Result<Response<Self::TelemetryStream>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
+        if let Err((_, msg)) = c.allow(&[]) {
+            return Err(Status::unauthenticated(msg));
+        }
         let client = c.client_id.clone().unwrap_or_default();
         // Room for a full run of transaction checks (sluice_broker::MAX_CHECKS_PER_RUN)
         // plus settings replies: a check that does not fit is dropped, not waited for.
@@ -762,8 +852,9 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::NotifyClientTerminationRequest>,
     ) -> Result<Response<v2::NotifyClientTerminationResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::NotifyClientTerminationResponse::default());
+        authorize!(c, v2::NotifyClientTerminationResponse::default());
         self.clients.remove(&id);
         Ok(Response::new(v2::NotifyClientTerminationResponse {
             status: Some(ok()),
@@ -774,11 +865,17 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::ChangeInvisibleDurationRequest>,
     ) -> Result<Response<v2::ChangeInvisibleDurationResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let id = require_client!(c, v2::ChangeInvisibleDurationResponse::default());
         let r = req.into_inner();
         let group = resolve!(c, &r.group, v2::ChangeInvisibleDurationResponse::default());
         let topic = resolve!(c, &r.topic, v2::ChangeInvisibleDurationResponse::default());
+        authorize!(
+            c,
+            v2::ChangeInvisibleDurationResponse::default(),
+            Action::Subscribe(&topic),
+            Action::Group(&group)
+        );
         self.clients.remove_renewal(&id, &r.receipt_handle);
         let Some(d) = r.invisible_duration.as_ref().and_then(dur) else {
             return Ok(Response::new(v2::ChangeInvisibleDurationResponse {
@@ -811,9 +908,14 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::RecallMessageRequest>,
     ) -> Result<Response<v2::RecallMessageResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         let r = req.into_inner();
         let topic = resolve!(c, &r.topic, v2::RecallMessageResponse::default());
+        authorize!(
+            c,
+            v2::RecallMessageResponse::default(),
+            Action::Publish(&topic)
+        );
         let resp = match self.m.recall(&topic, &r.recall_handle).await {
             Ok(message_id) => v2::RecallMessageResponse {
                 status: Some(ok()),
@@ -831,7 +933,7 @@ impl<M: Messaging> MessagingService for Service<M> {
         &self,
         req: Request<v2::SyncLiteSubscriptionRequest>,
     ) -> Result<Response<v2::SyncLiteSubscriptionResponse>, Status> {
-        let c = ctx(&req);
+        let c = ctx(&req, self.cfg.acl.as_deref());
         Ok(Response::new(v2::SyncLiteSubscriptionResponse {
             status: Some(status(
                 c.dialect,

@@ -77,6 +77,11 @@ impl<M: Messaging> Service<M> {
                 };
             }
         };
+        if let Err((code, msg)) = c.allow(&[crate::auth::Action::Publish(&topic)]) {
+            return v2::EndTransactionResponse {
+                status: Some(status(c.dialect, code, msg)),
+            };
+        }
         let req = EndTransaction {
             topic,
             message_id: r.message_id,

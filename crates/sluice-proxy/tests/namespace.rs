@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sluice_broker::{BrokerConfig, MessageType, Messaging};
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
-use sluice_proto::v2::{self, Code, receive_message_response::Content};
+use sluice_proto::v2::{self, Code};
 use tonic::transport::Channel;
 
 mod common;
@@ -99,35 +99,8 @@ async fn receive(
     group: &str,
     topic: &str,
 ) -> anyhow::Result<(Code, Vec<v2::Message>)> {
-    let req = v2::ReceiveMessageRequest {
-        group: style.res(group),
-        message_queue: Some(v2::MessageQueue {
-            topic: style.res(topic),
-            id: -1,
-            ..Default::default()
-        }),
-        filter_expression: None,
-        batch_size: 32,
-        invisible_duration: Some(sluice_proto::prost_types::Duration {
-            seconds: 30,
-            nanos: 0,
-        }),
-        auto_renew: false,
-        long_polling_timeout: Some(sluice_proto::prost_types::Duration {
-            seconds: 0,
-            nanos: 300_000_000,
-        }),
-        attempt_id: None,
-    };
-    let mut stream = c.receive_message(style.req(req)).await?.into_inner();
-    let (mut code, mut msgs) = (None, Vec::new());
-    while let Some(frame) = stream.message().await? {
-        match frame.content {
-            Some(Content::Status(s)) => code = Some(s.code()),
-            Some(Content::Message(m)) => msgs.push(m),
-            _ => {}
-        }
-    }
+    let r = common::receive_request(style.res(group), style.res(topic));
+    let (code, msgs) = common::receive_all(c, style.req(r)).await?;
     Ok((code.ok_or_else(|| anyhow::anyhow!("no status"))?, msgs))
 }
 

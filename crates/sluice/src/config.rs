@@ -380,6 +380,8 @@ section! {
         max_connections: u32 = ProxyConfig::default().max_connections as u32,
         /// Time a new connection has to start HTTP/2 before it is closed.
         handshake_timeout: HumanDuration = HumanDuration(ProxyConfig::default().handshake_timeout),
+        /// Users and permissions (TOML); requests must then be signed; `off`: no authentication.
+        acl_file: Option<PathBuf> = None,
     }
 }
 
@@ -421,6 +423,13 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Reads and parses an ACL file (`[proxy] acl_file`).
+fn load_acl(path: &Path) -> Result<sluice_proxy::auth::Acl, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    sluice_proxy::auth::Acl::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
 
 /// The environment variable of a key.
 pub fn env_var(section: &str, key: &str) -> String {
@@ -675,6 +684,11 @@ impl Config {
         if br.max_body_size.0 == 0 {
             bad("[broker] max_body_size", "must be positive".into());
         }
+        if let Some(path) = &px.acl_file {
+            if let Err(e) = load_acl(path) {
+                bad("[proxy] acl_file", e);
+            }
+        }
         let lib = lib_broker();
         if px.auto_renew_invisible.0 < lib.min_invisible
             || px.auto_renew_invisible.0 > lib.max_invisible
@@ -735,11 +749,15 @@ impl Config {
         }
     }
 
-    /// Settings of the gRPC access point.
-    pub fn proxy_config(&self) -> ProxyConfig {
+    /// Settings of the gRPC access point (reads the ACL file, if one is configured).
+    pub fn proxy_config(&self) -> Result<ProxyConfig, String> {
         let d = ProxyConfig::default();
         let body = usize::try_from(self.broker.max_body_size.0).unwrap_or(usize::MAX);
-        ProxyConfig {
+        let acl = match &self.proxy.acl_file {
+            Some(path) => Some(std::sync::Arc::new(load_acl(path)?)),
+            None => None,
+        };
+        Ok(ProxyConfig {
             max_body_size: body,
             max_long_poll: self.proxy.max_long_poll.0,
             auto_renew_invisible: self.proxy.auto_renew_invisible.0,
@@ -749,7 +767,8 @@ impl Config {
             max_decoding_message_size: d
                 .max_decoding_message_size
                 .max(body.saturating_add(1 << 20)),
-        }
+            acl,
+        })
     }
 
     /// The effective configuration as TOML, in file order; it loads back unchanged.
@@ -889,6 +908,44 @@ mod tests {
         );
         // Untouched keys keep their defaults.
         assert_eq!(c.server, ServerSettings::default());
+    }
+
+    #[test]
+    fn acl_file_is_read_and_checked_at_load() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let good = dir.path().join("acl.toml");
+        std::fs::write(
+            &good,
+            "[[users]]\naccess_key = \"a\"\nsecret_key = \"s\"\npublish = [\"*\"]\n",
+        )?;
+        let c = load_str(
+            "",
+            &[("SLUICE_PROXY__ACL_FILE", &good.display().to_string())],
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let acl = c.proxy_config().map_err(anyhow::Error::msg)?.acl;
+        assert_eq!(acl.map(|a| a.len()), Some(1));
+        assert!(
+            Config::default()
+                .proxy_config()
+                .map_err(anyhow::Error::msg)?
+                .acl
+                .is_none()
+        );
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[[users]]\naccess_key = \"a\"\n")?;
+        let missing = dir.path().join("missing.toml");
+        for (path, says) in [(&bad, "secret_key"), (&missing, "cannot read")] {
+            let file = format!("[proxy]\nacl_file = {:?}\n", path.display().to_string());
+            let errs = errors(load_str(&file, &[]));
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert!(
+                errs[0].contains("[proxy] acl_file") && errs[0].contains(says),
+                "{errs:#?}"
+            );
+        }
+        Ok(())
     }
 
     #[test]

@@ -90,12 +90,15 @@ pub async fn serve(mut cfg: Config) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (maint_tx, maint_rx) = watch::channel(false);
     let mut servers: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
-    let proxy = sluice_proxy::run(
-        grpc,
-        broker.clone(),
-        cfg.proxy_config(),
-        stopped(stop_rx.clone()),
-    );
+    let proxy_cfg = cfg.proxy_config().map_err(anyhow::Error::msg)?;
+    match &proxy_cfg.acl {
+        Some(acl) => tracing::info!(
+            users = acl.len(),
+            "authentication on: requests must be signed"
+        ),
+        None => tracing::info!("authentication off ([proxy] acl_file)"),
+    }
+    let proxy = sluice_proxy::run(grpc, broker.clone(), proxy_cfg, stopped(stop_rx.clone()));
     servers.spawn(async move { ("gRPC endpoint", proxy.await.map_err(anyhow::Error::from)) });
     let info = sluice_admin::BrokerInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -64,6 +64,8 @@ export function parseOptions(extra = {}, required = []) {
       topic: { type: 'string', default: process.env.SLUICE_TOPIC },
       group: { type: 'string', default: process.env.SLUICE_GROUP },
       namespace: { type: 'string', default: process.env.SLUICE_NAMESPACE ?? '' },
+      'access-key': { type: 'string', default: process.env.SLUICE_ACCESS_KEY ?? '' },
+      'secret-key': { type: 'string', default: process.env.SLUICE_SECRET_KEY ?? '' },
       timeout: { type: 'string', default: '120' },
       'request-timeout': { type: 'string', default: '5000' },
       help: { type: 'boolean', default: false },
@@ -72,7 +74,7 @@ export function parseOptions(extra = {}, required = []) {
     strict: true,
   });
   if (values.help) {
-    process.stderr.write(`options: ${Object.keys({ endpoint: 1, topic: 1, group: 1, namespace: 1, timeout: 1, 'request-timeout': 1, ...extra }).map(k => '--' + k).join(' ')}\n`);
+    process.stderr.write(`options: ${Object.keys({ endpoint: 1, topic: 1, group: 1, namespace: 1, 'access-key': 1, 'secret-key': 1, timeout: 1, 'request-timeout': 1, ...extra }).map(k => '--' + k).join(' ')}\n`);
     process.exit(0);
   }
   const missing = required.filter(k => !values[k]);
@@ -87,6 +89,9 @@ export function clientOptions(opts) {
   return {
     endpoints: opts.endpoint,
     namespace: opts.namespace ?? '',
+    ...(opts['access-key']
+      ? { sessionCredentials: { accessKey: opts['access-key'], accessSecret: opts['secret-key'] ?? '' } }
+      : {}),
     requestTimeout: Number(opts['request-timeout']),
     logger: clientLogger,
   };

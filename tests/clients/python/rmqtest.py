@@ -69,6 +69,9 @@ def base_parser(description: str, group: bool = True) -> argparse.ArgumentParser
                        help="consumer group (env SLUICE_GROUP)")
     p.add_argument("--namespace", default=os.environ.get("SLUICE_NAMESPACE", ""),
                    help="client namespace (env SLUICE_NAMESPACE; default none)")
+    p.add_argument("--access-key", default=os.environ.get("SLUICE_ACCESS_KEY", ""),
+                   help="access key to sign requests with (default: none)")
+    p.add_argument("--secret-key", default=os.environ.get("SLUICE_SECRET_KEY", ""))
     p.add_argument("--timeout", type=float, default=120.0,
                    help="hard deadline for the whole script, seconds")
     p.add_argument("--request-timeout", type=int, default=5,
@@ -84,8 +87,9 @@ def check_required(args, *names):
 
 
 def client_config(args) -> ClientConfiguration:
-    # No credentials: authentication disabled on the test server.
-    return ClientConfiguration(args.endpoint, Credentials(), namespace=args.namespace or "",
+    # No access key: the server runs without authentication.
+    creds = Credentials(args.access_key or "", args.secret_key or "")
+    return ClientConfiguration(args.endpoint, creds, namespace=args.namespace or "",
                                request_timeout=args.request_timeout)
 
 

@@ -56,13 +56,23 @@ pub fn open_broker(
 
 /// Serves `broker` over gRPC on a free port of 127.0.0.1; `dir` lives as long as the
 /// returned server.
+#[allow(dead_code)]
 pub async fn serve(dir: tempfile::TempDir, broker: Arc<Broker>) -> anyhow::Result<Server> {
+    serve_with(dir, broker, ProxyConfig::default()).await
+}
+
+/// [`serve`] with settings of the access point.
+pub async fn serve_with(
+    dir: tempfile::TempDir,
+    broker: Arc<Broker>,
+    config: ProxyConfig,
+) -> anyhow::Result<Server> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let b = broker.clone();
     let task = tokio::spawn(async move {
-        let _ = sluice_proxy::run(listener, b, ProxyConfig::default(), async {
+        let _ = sluice_proxy::run(listener, b, config, async {
             let _ = rx.await;
         })
         .await;
@@ -93,4 +103,52 @@ pub fn res(name: &str) -> Option<v2::Resource> {
         resource_namespace: String::new(),
         name: name.into(),
     })
+}
+
+/// A receive of up to 32 messages of `topic` as `group`, invisible for 30 s, with a short
+/// long poll (200 ms).
+#[allow(dead_code)]
+pub fn receive_request(
+    group: Option<v2::Resource>,
+    topic: Option<v2::Resource>,
+) -> v2::ReceiveMessageRequest {
+    v2::ReceiveMessageRequest {
+        group,
+        message_queue: Some(v2::MessageQueue {
+            topic,
+            id: -1,
+            ..Default::default()
+        }),
+        filter_expression: None,
+        batch_size: 32,
+        invisible_duration: Some(sluice_proto::prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        auto_renew: false,
+        long_polling_timeout: Some(sluice_proto::prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        attempt_id: None,
+    }
+}
+
+/// Sends a receive and collects its status code and messages.
+#[allow(dead_code)]
+pub async fn receive_all(
+    c: &mut MessagingServiceClient<Channel>,
+    req: tonic::Request<v2::ReceiveMessageRequest>,
+) -> anyhow::Result<(Option<v2::Code>, Vec<v2::Message>)> {
+    use v2::receive_message_response::Content;
+    let mut stream = c.receive_message(req).await?.into_inner();
+    let (mut code, mut msgs) = (None, Vec::new());
+    while let Some(f) = stream.message().await? {
+        match f.content {
+            Some(Content::Status(s)) => code = Some(s.code()),
+            Some(Content::Message(m)) => msgs.push(m),
+            _ => {}
+        }
+    }
+    Ok((code, msgs))
 }
