@@ -19,6 +19,25 @@ pub struct ClientConfig {
     pub heartbeat_interval: Duration,
     /// How often cached routes are refreshed.
     pub route_refresh_interval: Duration,
+    /// Access key and secret key that sign every request (`authorization` header, as the
+    /// official clients do); `None` for an access point without authentication.
+    pub credentials: Option<Credentials>,
+}
+
+/// An access key and its secret key.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret stays out of logs.
+        f.debug_struct("Credentials")
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {
@@ -31,7 +50,21 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(10),
             route_refresh_interval: Duration::from_secs(30),
+            credentials: None,
         }
+    }
+
+    /// Signs every request with this access key and secret key.
+    pub fn with_credentials(
+        mut self,
+        access_key: impl Into<String>,
+        secret_key: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some(Credentials {
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+        });
+        self
     }
 
     /// Sets the namespace.

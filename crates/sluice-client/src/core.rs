@@ -357,6 +357,12 @@ impl Core {
         let now = jiff::Timestamp::now()
             .strftime("%Y%m%dT%H%M%SZ")
             .to_string();
+        if let Some(c) = &self.config.credentials {
+            let h = sluice_proto::auth::authorization(&c.access_key, &c.secret_key, &now);
+            if let Ok(v) = AsciiMetadataValue::try_from(h) {
+                md.insert("authorization", v);
+            }
+        }
         if let Ok(v) = AsciiMetadataValue::try_from(now) {
             md.insert("x-mq-date-time", v);
         }

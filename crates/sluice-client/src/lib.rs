@@ -32,7 +32,7 @@ mod message;
 mod producer;
 mod push;
 
-pub use crate::config::{Backoff, ClientConfig, RetryPolicy};
+pub use crate::config::{Backoff, ClientConfig, Credentials, RetryPolicy};
 pub use crate::consumer::{SimpleConsumer, SimpleConsumerBuilder};
 pub use crate::core::{ServerSettings, TransactionChecker, TransactionResolution};
 pub use crate::error::ClientError;

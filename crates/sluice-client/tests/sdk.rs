@@ -31,6 +31,13 @@ impl Drop for Server {
 }
 
 async fn start_on(listener: tokio::net::TcpListener) -> anyhow::Result<Server> {
+    start_on_with(listener, sluice_proxy::ProxyConfig::default()).await
+}
+
+async fn start_on_with(
+    listener: tokio::net::TcpListener,
+    proxy: sluice_proxy::ProxyConfig,
+) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(StoreConfig::small(dir.path()))?);
     let mut cfg = BrokerConfig::new(dir.path());
@@ -40,7 +47,7 @@ async fn start_on(listener: tokio::net::TcpListener) -> anyhow::Result<Server> {
     let (tx, rx) = oneshot::channel::<()>();
     let b = broker.clone();
     tokio::spawn(async move {
-        let _ = sluice_proxy::run(listener, b, sluice_proxy::ProxyConfig::default(), async {
+        let _ = sluice_proxy::run(listener, b, proxy, async {
             let _ = rx.await;
         })
         .await;
@@ -491,5 +498,69 @@ async fn delay_messages_arrive_at_their_time() -> anyhow::Result<()> {
     consumer.ack(&got[0]).await?;
     consumer.shutdown().await?;
     producer.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_sign_every_request_for_an_access_point_with_an_acl() -> anyhow::Result<()> {
+    let acl = sluice_proxy::auth::Acl::from_toml(
+        "[[users]]\naccess_key = \"app\"\nsecret_key = \"s3\"\n\
+         publish = [\"t\"]\nsubscribe = [\"t\"]\ngroups = [\"g\"]\n",
+    )?;
+    let proxy = sluice_proxy::ProxyConfig {
+        acl: Some(Arc::new(acl)),
+        ..Default::default()
+    };
+    let s = start_on_with(tokio::net::TcpListener::bind("127.0.0.1:0").await?, proxy).await?;
+    s.broker.create_topic("t", TopicType::Normal, 2)?;
+    s.broker
+        .create_group("g", false, None, None, Some(StartPosition::Earliest))?;
+    let signed = config(s.addr).with_credentials("app", "s3");
+    assert!(
+        !format!("{signed:?}").contains("s3\""),
+        "the secret stays out of Debug"
+    );
+
+    let producer = Producer::builder(signed.clone())
+        .topics(["t"])
+        .start()
+        .await?;
+    producer.send(Message::new("t", "hello")).await?;
+    let consumer = SimpleConsumer::builder(signed.clone(), "g")
+        .subscribe("t", FilterExpression::all())
+        .await_duration(Duration::from_millis(800))
+        .start()
+        .await?;
+    let got = receive_n(&consumer, 1, Duration::from_secs(10)).await?;
+    assert_eq!(got.len(), 1);
+    consumer.ack(&got[0]).await?;
+
+    // Unsigned, or signed with the wrong secret: UNAUTHORIZED, at start or at the send.
+    for cfg in [
+        config(s.addr),
+        config(s.addr).with_credentials("app", "wrong"),
+    ] {
+        let r = match Producer::builder(cfg).topics(["t"]).start().await {
+            Ok(p) => p.send(Message::new("t", "x")).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        assert_eq!(r.err().and_then(|e| e.code()), Some(Code::Unauthorized));
+    }
+    // Signed, but not allowed to consume as another group.
+    s.broker
+        .create_group("other", false, None, None, Some(StartPosition::Earliest))?;
+    let r = match SimpleConsumer::builder(signed, "other")
+        .subscribe("t", FilterExpression::all())
+        .start()
+        .await
+    {
+        Ok(c) => c.receive(1, Duration::from_secs(30)).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert_eq!(r.err().and_then(|e| e.code()), Some(Code::Forbidden));
+    assert_eq!(
+        s.broker.store().queue_offsets("t", 0).1 + s.broker.store().queue_offsets("t", 1).1,
+        1
+    );
     Ok(())
 }

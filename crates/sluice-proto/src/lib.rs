@@ -40,6 +40,8 @@ pub mod v2 {
     tonic::include_proto!("apache.rocketmq.v2");
 }
 
+pub mod auth;
+
 pub use prost;
 pub use prost_types;
 

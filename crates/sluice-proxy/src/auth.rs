@@ -30,12 +30,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha1::Sha1;
-
-/// The `authorization` scheme of the RocketMQ 5 clients.
-const SCHEME: &str = "MQv2-HMAC-SHA1";
+use sluice_proto::auth::SCHEME;
+pub use sluice_proto::auth::authorization as sign;
 
 /// Why an ACL file is refused.
 #[derive(Debug, thiserror::Error)]
@@ -228,12 +225,9 @@ impl Acl {
             .get(key)
             .ok_or_else(|| AuthError::UnknownKey(key.to_owned()))?;
         let date = date_time.ok_or(AuthError::Malformed("no x-mq-date-time header"))?;
-        let mut mac = Hmac::<Sha1>::new_from_slice(user.secret_key.as_bytes())
-            .map_err(|_| AuthError::BadSignature(key.to_owned()))?;
-        mac.update(date);
-        // Constant-time comparison.
-        mac.verify_slice(&sig)
-            .map_err(|_| AuthError::BadSignature(key.to_owned()))?;
+        if !sluice_proto::auth::verify(user.secret_key.as_bytes(), date, &sig) {
+            return Err(AuthError::BadSignature(key.to_owned()));
+        }
         Ok(user.clone())
     }
 }
@@ -247,23 +241,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .chunks(2)
         .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
         .collect()
-}
-
-/// The header value an official client sends (for tests and the SDK).
-pub fn sign(access_key: &str, secret_key: &str, date_time: &str) -> String {
-    let mut mac = match Hmac::<Sha1>::new_from_slice(secret_key.as_bytes()) {
-        Ok(m) => m,
-        // HMAC takes keys of any length.
-        Err(_) => return String::new(),
-    };
-    mac.update(date_time.as_bytes());
-    let sig: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
-    format!("{SCHEME} Credential={access_key}, SignedHeaders=x-mq-date-time, Signature={sig}")
 }
 
 #[cfg(test)]

@@ -567,7 +567,13 @@ impl Probe {
 
 /// Runs the benchmark. `admin` is the admin API URL for --create; `json` prints the result
 /// JSON on stdout instead of the summary.
-pub async fn run(endpoint: &str, admin: &str, json_stdout: bool, args: BenchArgs) -> Result<()> {
+pub async fn run(
+    config: ClientConfig,
+    admin: &str,
+    json_stdout: bool,
+    args: BenchArgs,
+) -> Result<()> {
+    let endpoint = config.endpoints.clone();
     if args.topics == 0 || args.producers == 0 {
         bail!("--topics and --producers must be at least 1");
     }
@@ -606,7 +612,6 @@ pub async fn run(endpoint: &str, admin: &str, json_stdout: bool, args: BenchArgs
         }),
         last_error: Mutex::new(None),
     });
-    let config = ClientConfig::new(endpoint);
 
     // Consumers first, so they are polling when the first message arrives.
     let (stop_consuming, consume_rx) = watch::channel(false);

@@ -101,7 +101,7 @@ fn rfc3339(t: Option<SystemTime>) -> Option<String> {
     Some(ts.to_string())
 }
 
-pub async fn send(endpoint: &str, json: bool, args: SendArgs) -> Result<()> {
+pub async fn send(config: ClientConfig, json: bool, args: SendArgs) -> Result<()> {
     let body = match (&args.body, &args.file) {
         (Some(b), _) => b.clone().into_bytes(),
         (None, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
@@ -124,7 +124,7 @@ pub async fn send(endpoint: &str, json: bool, args: SendArgs) -> Result<()> {
     m.delivery_time = args
         .deliver_at
         .or_else(|| args.delay.map(|d| SystemTime::now() + d));
-    let producer = Producer::builder(ClientConfig::new(endpoint))
+    let producer = Producer::builder(config)
         .start()
         .await
         .context("starting the producer")?;
@@ -227,7 +227,7 @@ fn print_message(out: &mut impl Write, m: &ReceivedMessage, json: bool) -> Resul
     Ok(())
 }
 
-pub async fn consume(endpoint: &str, json: bool, args: ConsumeArgs) -> Result<()> {
+pub async fn consume(config: ClientConfig, json: bool, args: ConsumeArgs) -> Result<()> {
     let filter = match (&args.filter, &args.sql) {
         (_, Some(sql)) => FilterExpression::Sql(sql.clone()),
         (Some(tags), None) => FilterExpression::Tag(tags.clone()),
@@ -238,7 +238,7 @@ pub async fn consume(endpoint: &str, json: bool, args: ConsumeArgs) -> Result<()
     } else {
         Duration::from_secs(3)
     });
-    let consumer = SimpleConsumer::builder(ClientConfig::new(endpoint), args.group.as_str())
+    let consumer = SimpleConsumer::builder(config, args.group.as_str())
         .subscribe(args.topic.as_str(), filter)
         .await_duration(wait)
         .start()

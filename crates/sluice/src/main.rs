@@ -48,6 +48,27 @@ struct Cli {
     /// gRPC endpoint used by send, consume and bench [default: 127.0.0.1:8081].
     #[arg(long, global = true, env = "SLUICE_ENDPOINT", value_name = "HOST:PORT")]
     endpoint: Option<String>,
+    /// Namespace of send, consume and bench (topic `t` means `NAMESPACE%t`).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_NAMESPACE",
+        value_name = "NAMESPACE"
+    )]
+    namespace: Option<String>,
+    /// Access key that signs the requests of send, consume and bench (with --secret-key),
+    /// for a server with an ACL.
+    #[arg(long, global = true, env = "SLUICE_ACCESS_KEY", value_name = "KEY")]
+    access_key: Option<String>,
+    /// Secret key of --access-key (prefer the environment variable: flags show in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_SECRET_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    secret_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -254,6 +275,7 @@ enum MessageCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let client_cfg = client_config(&cli);
     match cli.command {
         Command::Server(args) => {
             let cfg = match args.load() {
@@ -284,16 +306,19 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e, 2),
         },
-        Command::Send(args) => client_command(cli.endpoint, |e| async move {
-            client_cmds::send(&e, cli.json, args).await
+        Command::Send(args) => client_command(client_cfg, |c| async move {
+            client_cmds::send(c, cli.json, args).await
         }),
-        Command::Consume(args) => client_command(cli.endpoint, |e| async move {
-            client_cmds::consume(&e, cli.json, args).await
+        Command::Consume(args) => client_command(client_cfg, |c| async move {
+            client_cmds::consume(c, cli.json, args).await
         }),
         Command::Bench(args) => {
-            let admin = cli.admin.unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
-            client_command(cli.endpoint, |e| async move {
-                bench::run(&e, &admin, cli.json, args).await
+            let admin = cli
+                .admin
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
+            client_command(client_cfg, |c| async move {
+                bench::run(c, &admin, cli.json, args).await
             })
         }
         Command::Admin(command) => {
@@ -313,10 +338,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// The client settings of send, consume and bench from the global flags.
+fn client_config(cli: &Cli) -> Result<sluice_client::ClientConfig, String> {
+    let endpoint = cli
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+    let mut c = sluice_client::ClientConfig::new(endpoint);
+    if let Some(ns) = cli.namespace.as_deref().filter(|n| !n.is_empty()) {
+        c = c.with_namespace(ns);
+    }
+    match (&cli.access_key, &cli.secret_key) {
+        (Some(k), Some(s)) => c = c.with_credentials(k, s),
+        (None, None) => {}
+        _ => return Err("--access-key and --secret-key go together".into()),
+    }
+    Ok(c)
+}
+
 /// Runs a gRPC client command on a multi-threaded runtime.
-fn client_command<F, Fut>(endpoint: Option<String>, f: F) -> ExitCode
+fn client_command<F, Fut>(config: Result<sluice_client::ClientConfig, String>, f: F) -> ExitCode
 where
-    F: FnOnce(String) -> Fut,
+    F: FnOnce(sluice_client::ClientConfig) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     init_client_logging();
@@ -327,8 +370,11 @@ where
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
     };
-    let endpoint = endpoint.unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
-    match rt.block_on(f(endpoint)) {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return fail(&e, 2),
+    };
+    match rt.block_on(f(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("{e:#}"), 1),
     }

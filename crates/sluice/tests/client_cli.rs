@@ -184,3 +184,122 @@ fn send_consume_and_bench_through_the_grpc_api() {
     assert!(r["aggregatedEndToEndLatency50pct"].as_f64().expect("p50") > 0.0);
     assert!(!r["publishRate"].as_array().expect("series").is_empty());
 }
+
+/// Runs `sluice` with extra environment variables; the output whether it succeeds or not.
+fn sluice_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("SLUICE_ENDPOINT", &s.endpoint)
+        .env("SLUICE_ADMIN", &s.admin)
+        .env_remove("SLUICE_ACCESS_KEY")
+        .env_remove("SLUICE_SECRET_KEY")
+        .env_remove("SLUICE_NAMESPACE")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run sluice")
+}
+
+#[test]
+fn client_commands_sign_requests_and_take_a_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl.toml");
+    std::fs::write(
+        &acl,
+        "[[users]]\naccess_key = \"cli\"\nsecret_key = \"cli-secret\"\n\
+         publish = [\"prod%*\"]\nsubscribe = [\"prod%*\"]\ngroups = [\"prod%*\"]\n",
+    )
+    .expect("acl");
+    let (grpc_port, admin_port) = (free_port(), free_port());
+    let data = dir.path().join("data");
+    let log = File::create(data.with_extension("log")).expect("log file");
+    let child = common::server_command(&["--flush", "async"], &data, grpc_port, admin_port, log)
+        .env("SLUICE_PROXY__ACL_FILE", &acl)
+        .spawn()
+        .expect("spawn server");
+    let s = Server {
+        child,
+        endpoint: format!("127.0.0.1:{grpc_port}"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_status(admin_port, "/readyz") != Some(200) {
+        assert!(Instant::now() < deadline, "server not ready in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sluice(
+        &s,
+        &["topic", "create", "prod%orders", "--type", "normal"],
+        None,
+    );
+    sluice(
+        &s,
+        &["group", "create", "prod%billing", "--start", "earliest"],
+        None,
+    );
+    let creds = [
+        ("SLUICE_ACCESS_KEY", "cli"),
+        ("SLUICE_SECRET_KEY", "cli-secret"),
+    ];
+
+    let unsigned = sluice_env(&s, &["--namespace", "prod", "send", "orders", "x"], &[]);
+    assert!(!unsigned.status.success());
+    let err = String::from_utf8_lossy(&unsigned.stderr);
+    assert!(err.contains("UNAUTHORIZED"), "{err}");
+
+    let sent = sluice_env(
+        &s,
+        &["--namespace", "prod", "send", "orders", "signed"],
+        &creds,
+    );
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    // Without the namespace the user may not touch "orders".
+    let outside = sluice_env(&s, &["send", "orders", "x"], &creds);
+    assert!(!outside.status.success());
+
+    let got = sluice_env(
+        &s,
+        &[
+            "--json",
+            "--namespace",
+            "prod",
+            "consume",
+            "orders",
+            "--group",
+            "billing",
+            "--wait",
+            "1s",
+        ],
+        &creds,
+    );
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout(&got)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["body"], "signed");
+    let topic: serde_json::Value = serde_json::from_str(&stdout(&sluice(
+        &s,
+        &["--json", "topic", "describe", "prod%orders"],
+        None,
+    )))
+    .expect("json");
+    assert_eq!(topic["stored_messages"], 1);
+
+    let half = sluice_env(
+        &s,
+        &["--access-key", "cli", "send", "prod%orders", "x"],
+        &[],
+    );
+    assert_eq!(half.status.code(), Some(2));
+}
