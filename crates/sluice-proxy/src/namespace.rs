@@ -89,6 +89,26 @@ pub fn resolve(header: &str, r: &Option<v2::Resource>) -> Result<String, BrokerE
     Ok(wrap(ns, r.as_ref().map(|r| r.name.as_str()).unwrap_or("")))
 }
 
+/// [`resolve`] that rewrites the resource itself to the broker's name (and no namespace);
+/// without a namespace it is left as it is, with no copy.
+pub fn resolve_in_place(header: &str, r: &mut Option<v2::Resource>) -> Result<(), BrokerError> {
+    let Some(res) = r.as_mut() else {
+        return Ok(());
+    };
+    let ns = if header.is_empty() {
+        std::mem::take(&mut res.resource_namespace)
+    } else {
+        res.resource_namespace.clear();
+        header.to_owned()
+    };
+    if ns.is_empty() {
+        return Ok(());
+    }
+    check(&ns)?;
+    res.name = wrap(&ns, &res.name);
+    Ok(())
+}
+
 /// A resource as a client in namespace `ns` names the broker's `full`.
 pub fn resource(ns: &str, full: &str) -> v2::Resource {
     let name = client_name(ns, full);
@@ -153,6 +173,26 @@ mod tests {
             Some("prod%t")
         );
         assert_eq!(resolve("prod", &None).ok().as_deref(), Some(""));
+    }
+
+    #[test]
+    fn in_place_resolution_matches_resolve() {
+        for (h, ns, name) in [
+            ("", "", "t"),
+            ("", "prod", "t"),
+            ("prod", "", "t"),
+            ("prod", "dev", "%DLQ%g"),
+        ] {
+            let mut r = res(ns, name);
+            let want = resolve(h, &r).ok();
+            assert!(resolve_in_place(h, &mut r).is_ok());
+            assert_eq!(r.as_ref().map(|r| r.name.clone()), want, "{h} {ns} {name}");
+            assert_eq!(r.map(|r| r.resource_namespace), Some(String::new()));
+        }
+        let mut bad = res("a.b", "t");
+        assert!(resolve_in_place("", &mut bad).is_err());
+        let mut none = None;
+        assert!(resolve_in_place("prod", &mut none).is_ok());
     }
 
     #[test]

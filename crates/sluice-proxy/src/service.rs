@@ -64,6 +64,11 @@ impl Ctx {
         }
     }
 
+    /// Whether requests are checked against an ACL.
+    pub(crate) fn checks_access(&self) -> bool {
+        !matches!(self.auth, Auth::Off)
+    }
+
     /// The namespace a resource of the request is in.
     pub(crate) fn namespace_of<'a>(&'a self, r: Option<&'a v2::Resource>) -> &'a str {
         namespace::of(&self.namespace, r)
@@ -382,29 +387,29 @@ impl<M: Messaging> MessagingService for Service<M> {
         let c = ctx(&req, self.cfg.acl.as_deref());
         let client = require_client!(c, v2::SendMessageResponse::default());
         let mut r = req.into_inner();
-        // Topics resolved up front: a request with a topic its user may not publish to is
-        // refused as a whole, before anything is stored.
-        let mut resolved = Vec::with_capacity(r.messages.len());
-        for m in &mut r.messages {
-            let t = c.resolve(&m.topic);
-            if let Ok(t) = &t {
-                m.topic = Some(v2::Resource {
-                    resource_namespace: String::new(),
-                    name: t.clone(),
-                });
+        // Topics resolved up front, in place (no copy without a namespace): a request with
+        // a topic its user may not publish to is refused as a whole, before anything is
+        // stored.
+        let mut unresolved: Vec<(usize, BrokerError)> = Vec::new();
+        for (i, m) in r.messages.iter_mut().enumerate() {
+            if let Err(e) = namespace::resolve_in_place(&c.namespace, &mut m.topic) {
+                unresolved.push((i, e));
             }
-            resolved.push(t);
         }
-        let topics: Vec<Action<'_>> = resolved
-            .iter()
-            .filter_map(|t| t.as_deref().ok())
-            .map(Action::Publish)
-            .collect();
-        if let Err((code, msg)) = c.allow(&topics) {
-            return Ok(Response::new(v2::SendMessageResponse {
-                status: Some(status(c.dialect, code, msg)),
-                entries: vec![],
-            }));
+        if c.checks_access() {
+            let topics: Vec<Action<'_>> = r
+                .messages
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !unresolved.iter().any(|(j, _)| j == i))
+                .map(|(_, m)| Action::Publish(m.topic.as_ref().map_or("", |t| t.name.as_str())))
+                .collect();
+            if let Err((code, msg)) = c.allow(&topics) {
+                return Ok(Response::new(v2::SendMessageResponse {
+                    status: Some(status(c.dialect, code, msg)),
+                    entries: vec![],
+                }));
+            }
         }
         if r.messages.is_empty() {
             return Ok(Response::new(v2::SendMessageResponse {
@@ -425,8 +430,9 @@ impl<M: Messaging> MessagingService for Service<M> {
         let mut results: Vec<Option<Result<sluice_broker::SendReceipt, BrokerError>>> = Vec::new();
         let mut valid = Vec::new();
         let mut slots = Vec::new();
-        for (i, (m, topic)) in r.messages.into_iter().zip(resolved).enumerate() {
-            if let Err(e) = topic {
+        let mut unresolved = unresolved.into_iter().peekable();
+        for (i, m) in r.messages.into_iter().enumerate() {
+            if let Some((_, e)) = unresolved.next_if(|(j, _)| *j == i) {
                 results.push(Some(Err(e)));
                 continue;
             }
