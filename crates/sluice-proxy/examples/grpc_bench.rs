@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
 //!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R]
-//!     [--connections N] [--workers N] [--client tonic|h2]
+//!     [--connections N] [--workers N] [--client tonic|h2] [--sign ACCESS_KEY:SECRET_KEY]
 //!     [--serve ADDR | --target ADDR [--server-pid PID]]
 //! ```
 //!
@@ -62,6 +62,8 @@ struct Args {
     workers: usize,
     /// Load-generating client for the sends: `tonic` or `h2` (see `RawH2`).
     client: String,
+    /// `--sign AK:SK`: the h2 client signs every send (for a server with an ACL).
+    sign: Option<(String, String)>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -77,6 +79,7 @@ fn args() -> anyhow::Result<Args> {
         server_pid: None,
         workers: 2,
         client: "tonic".into(),
+        sign: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -95,6 +98,12 @@ fn args() -> anyhow::Result<Args> {
             "--workers" => a.workers = v.parse::<usize>()?.max(1),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
             "--client" if v == "tonic" || v == "h2" => a.client = v,
+            "--sign" => {
+                let (k, s) = v
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("--sign needs ACCESS_KEY:SECRET_KEY"))?;
+                a.sign = Some((k.to_owned(), s.to_owned()));
+            }
             _ => anyhow::bail!("unknown argument {k}"),
         }
     }
@@ -162,10 +171,15 @@ impl Sender {
 struct RawH2 {
     send: h2::client::SendRequest<Bytes>,
     uri: http::Uri,
+    /// Access key and secret key that sign every request, as the official clients do.
+    sign: Option<Arc<(String, String)>>,
 }
 
 impl RawH2 {
-    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<RawH2> {
+    async fn connect(
+        addr: std::net::SocketAddr,
+        sign: Option<Arc<(String, String)>>,
+    ) -> anyhow::Result<RawH2> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         // Requests started in the same turn of the runtime leave in one write, as the
@@ -183,7 +197,7 @@ impl RawH2 {
         });
         let uri =
             format!("http://{addr}/apache.rocketmq.v2.MessagingService/SendMessage").parse()?;
-        Ok(RawH2 { send, uri })
+        Ok(RawH2 { send, uri, sign })
     }
 
     async fn send_message(
@@ -196,11 +210,28 @@ impl RawH2 {
         frame.extend_from_slice(&[0]); // not compressed
         frame.extend_from_slice(&u32::try_from(len)?.to_be_bytes());
         r.encode(&mut frame)?;
-        let request = http::Request::post(self.uri.clone())
+        let mut request = http::Request::post(self.uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .header("x-mq-client-id", "bench@1@1")
-            .body(())?;
+            .header("x-mq-client-id", "bench@1@1");
+        if let Some(k) = &self.sign {
+            // Signed per request as the official clients do, over a date of whole
+            // seconds as they send it (the server does not parse it; Unix seconds here).
+            let date = format!(
+                "{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            );
+            request = request
+                .header(
+                    "authorization",
+                    sluice_proto::auth::authorization(&k.0, &k.1, &date),
+                )
+                .header("x-mq-date-time", date);
+        }
+        let request = request.body(())?;
         let mut send = self.send.clone().ready().await?;
         let (response, mut stream) = send.send_request(request, false)?;
         stream.send_data(frame.freeze(), true)?;
@@ -843,7 +874,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         let mut clients = Vec::new();
         for c in &tonic_clients {
             clients.push(match a.client.as_str() {
-                "h2" => Sender::H2(RawH2::connect(addr).await?),
+                "h2" => Sender::H2(RawH2::connect(addr, a.sign.clone().map(Arc::new)).await?),
                 _ => Sender::Tonic(c.clone()),
             });
         }
