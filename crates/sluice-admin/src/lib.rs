@@ -19,6 +19,10 @@
 //! for anything the caller can fix (see [`ApiError`]). Request bodies must be JSON with
 //! `Content-Type: application/json`, at most 1 MiB, and may not carry unknown fields.
 //!
+//! With a token configured ([`AdminOptions::token`]), every `/api/` request must carry
+//! `Authorization: Bearer <token>`, otherwise 401 `UNAUTHORIZED`; the probes and
+//! `/metrics` stay open for load balancers and scrapers.
+//!
 //! *Architecture invariant*: talks to the broker's admin methods only; it never opens store
 //! files. The wire types live in [`api`] so the CLI parses exactly what the server writes.
 
@@ -49,6 +53,22 @@ pub struct BrokerInfo {
     pub data_dir: PathBuf,
 }
 
+/// Settings of the admin API.
+#[derive(Clone, Default)]
+pub struct AdminOptions {
+    /// Bearer token that `/api/` requests must carry; `None`: open.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("AdminOptions")
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct AppState {
     broker: Arc<Broker>,
@@ -59,16 +79,60 @@ pub(crate) struct AppState {
 
 /// The admin API as a router, for tests and for embedding.
 pub fn router(broker: Arc<Broker>, info: BrokerInfo) -> Router {
-    build(AppState {
-        broker,
-        info: Arc::new(info),
-        serving: Arc::new(AtomicBool::new(true)),
-    })
+    router_with(broker, info, AdminOptions::default())
 }
 
-fn build(state: AppState) -> Router {
+/// [`router`] with settings.
+pub fn router_with(broker: Arc<Broker>, info: BrokerInfo, options: AdminOptions) -> Router {
+    build(
+        AppState {
+            broker,
+            info: Arc::new(info),
+            serving: Arc::new(AtomicBool::new(true)),
+        },
+        options,
+    )
+}
+
+/// Refuses `/api/` requests without the configured bearer token.
+async fn require_token(
+    token: Arc<str>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if req.uri().path().starts_with("/api/") {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| ct_eq(g.as_bytes(), token.as_bytes())) {
+            let mut r = ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "this admin API needs `Authorization: Bearer <token>` ([server] admin_token)",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+/// Equality whose time depends only on the lengths.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn build(state: AppState, options: AdminOptions) -> Router {
     use handlers as h;
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(h::healthz))
         .route("/readyz", get(h::readyz))
         .route("/metrics", get(h::metrics))
@@ -97,7 +161,16 @@ fn build(state: AppState) -> Router {
         .fallback(h::route_not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
         .layer(DefaultBodyLimit::max(api::MAX_REQUEST_BODY))
-        .with_state(state)
+        .with_state(state);
+    match options.token {
+        Some(t) => {
+            let t: Arc<str> = t.into();
+            router.layer(axum::middleware::from_fn(move |req, next| {
+                require_token(t.clone(), req, next)
+            }))
+        }
+        None => router,
+    }
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves, then stops accepting,
@@ -106,14 +179,18 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     broker: Arc<Broker>,
     info: BrokerInfo,
+    options: AdminOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let serving = Arc::new(AtomicBool::new(true));
-    let app = build(AppState {
-        broker,
-        info: Arc::new(info),
-        serving: serving.clone(),
-    });
+    let app = build(
+        AppState {
+            broker,
+            info: Arc::new(info),
+            serving: serving.clone(),
+        },
+        options,
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

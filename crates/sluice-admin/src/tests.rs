@@ -577,9 +577,15 @@ async fn serves_on_a_socket_and_shuts_down() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(listener, broker, info(dir.path()), async move {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(run(
+        listener,
+        broker,
+        info(dir.path()),
+        Default::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
 
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
     conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -596,4 +602,87 @@ async fn serves_on_a_socket_and_shuts_down() {
         .expect("shut down in time")
         .expect("task");
     assert!(r.is_ok(), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_token_guards_the_api_but_not_the_probes() {
+    let e = env();
+    let app = router_with(
+        e.broker.clone(),
+        info(e._dir.path()),
+        AdminOptions {
+            token: Some("t0ken".into()),
+        },
+    );
+    assert!(
+        !format!(
+            "{:?}",
+            AdminOptions {
+                token: Some("t0ken".into())
+            }
+        )
+        .contains("t0ken")
+    );
+    let with = |auth: Option<&str>, method: Method, uri: &str, body: Option<&str>| {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        if body.is_some() {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+        }
+        b.body(body.map(|s| Body::from(s.to_owned())).unwrap_or_default())
+            .expect("request")
+    };
+    let create = r#"{"name":"guarded","type":"normal","queues":1}"#;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("t0ken"),
+        Some("Basic t0ken"),
+        Some("Bearer t0ken2"),
+    ] {
+        let r = raw(
+            &app,
+            with(auth, Method::POST, "/api/v1/topics", Some(create)),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}: {}", r.text);
+        assert_eq!(r.code(), "UNAUTHORIZED");
+        assert_eq!(
+            r.headers
+                .get(header::WWW_AUTHENTICATE)
+                .map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..])
+        );
+        let r = raw(&app, with(auth, Method::GET, "/api/v1/topics", None)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert!(e.broker.topics().iter().all(|t| t.name != "guarded"));
+    let r = raw(
+        &app,
+        with(
+            Some("Bearer t0ken"),
+            Method::POST,
+            "/api/v1/topics",
+            Some(create),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = raw(
+        &app,
+        with(
+            Some("Bearer t0ken"),
+            Method::GET,
+            "/api/v1/topics/guarded",
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let r = raw(&app, with(None, Method::GET, open, None)).await;
+        assert_eq!(r.status, StatusCode::OK, "{open}");
+    }
 }

@@ -32,6 +32,22 @@ impl fmt::Display for ApiFailure {
 
 impl std::error::Error for ApiFailure {}
 
+/// An HTTP client for the admin API that sends `token` as a bearer token on every request.
+pub fn http_client(timeout: std::time::Duration, token: Option<&str>) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .context("the admin token must be printable ASCII")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
+}
+
 pub struct Admin {
     base: Url,
     http: reqwest::Client,
@@ -45,7 +61,8 @@ enum Reply<T> {
 }
 
 impl Admin {
-    pub fn new(base: &str, json: bool) -> Result<Admin> {
+    /// `token`: the admin API's bearer token (`[server] admin_token`), if it has one.
+    pub fn new(base: &str, json: bool, token: Option<&str>) -> Result<Admin> {
         let base = Url::parse(base).with_context(|| format!("--admin {base:?} is not a URL"))?;
         match base.scheme() {
             "http" => {}
@@ -55,10 +72,7 @@ impl Admin {
         if base.cannot_be_a_base() {
             bail!("--admin {base} cannot take a path");
         }
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .context("building the HTTP client")?;
+        let http = http_client(std::time::Duration::from_secs(60), token)?;
         Ok(Admin { base, http, json })
     }
 
@@ -678,7 +692,7 @@ mod tests {
 
     #[test]
     fn urls_encode_names() {
-        let a = Admin::new("http://127.0.0.1:8080", false).expect("admin");
+        let a = Admin::new("http://127.0.0.1:8080", false, None).expect("admin");
         let u = a
             .url(
                 &["api", "v1", "topics", "%DLQ%g|x"],
@@ -689,11 +703,11 @@ mod tests {
             u.as_str(),
             "http://127.0.0.1:8080/api/v1/topics/%25DLQ%25g|x?key=a+b%26c"
         );
-        let a = Admin::new("http://host:1/prefix/", false).expect("admin");
+        let a = Admin::new("http://host:1/prefix/", false, None).expect("admin");
         let u = a.url(&["api"], &[]).expect("url");
         assert_eq!(u.as_str(), "http://host:1/prefix/api");
-        assert!(Admin::new("https://host", false).is_err());
-        assert!(Admin::new("nonsense", false).is_err());
+        assert!(Admin::new("https://host", false, None).is_err());
+        assert!(Admin::new("nonsense", false, None).is_err());
     }
 
     #[test]

@@ -387,11 +387,15 @@ async fn consume_simple(
 
 // -------------------------------------------------------------------- admin set-up
 
-async fn admin_setup(admin: &str, topics: &[String], group: &str, queues: u32) -> Result<()> {
+async fn admin_setup(
+    admin: &str,
+    token: Option<&str>,
+    topics: &[String],
+    group: &str,
+    queues: u32,
+) -> Result<()> {
     use sluice_admin::api::{CreateGroup, CreateTopic, MessageType, ResetOffset, Start};
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let http = crate::admin::http_client(Duration::from_secs(30), token)?;
     let base = admin.trim_end_matches('/');
     let post = |path: String, body: Value| {
         let req = http.post(format!("{base}{path}")).json(&body);
@@ -570,6 +574,7 @@ impl Probe {
 pub async fn run(
     config: ClientConfig,
     admin: &str,
+    admin_token: Option<&str>,
     json_stdout: bool,
     args: BenchArgs,
 ) -> Result<()> {
@@ -589,7 +594,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("{}-group", args.topic_prefix));
     if args.create {
-        admin_setup(admin, &topics, &group, args.queues).await?;
+        admin_setup(admin, admin_token, &topics, &group, args.queues).await?;
     }
 
     let start_rate = match args.rate {

@@ -307,6 +307,8 @@ section! {
         admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
         /// Threads that run network and broker work; 0 means one per CPU core.
         worker_threads: u32 = 0,
+        /// Bearer token the admin API's `/api/` requests must carry; `off`: none.
+        admin_token: Option<String> = None,
     }
 }
 

@@ -42,6 +42,15 @@ struct Cli {
     /// Address of the admin API used by the admin commands [default: http://127.0.0.1:8080].
     #[arg(long, global = true, env = "SLUICE_ADMIN", value_name = "URL")]
     admin: Option<String>,
+    /// Bearer token of the admin API, if the server has one (`[server] admin_token`).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
     /// Print the admin API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -317,8 +326,9 @@ fn main() -> ExitCode {
                 .admin
                 .clone()
                 .unwrap_or_else(|| DEFAULT_ADMIN_URL.to_owned());
+            let token = cli.admin_token.clone();
             client_command(client_cfg, |c| async move {
-                bench::run(c, &admin, cli.json, args).await
+                bench::run(c, &admin, token.as_deref(), cli.json, args).await
             })
         }
         Command::Admin(command) => {
@@ -330,7 +340,12 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&format!("cannot start the runtime: {e}"), 1),
             };
             let url = cli.admin.as_deref().unwrap_or(DEFAULT_ADMIN_URL);
-            match rt.block_on(admin_command(url, cli.json, command)) {
+            match rt.block_on(admin_command(
+                url,
+                cli.admin_token.as_deref(),
+                cli.json,
+                command,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}"), 1),
             }
@@ -417,8 +432,13 @@ fn init_logging() {
         .init();
 }
 
-async fn admin_command(url: &str, json: bool, command: AdminCommand) -> anyhow::Result<()> {
-    let a = Admin::new(url, json)?;
+async fn admin_command(
+    url: &str,
+    token: Option<&str>,
+    json: bool,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    let a = Admin::new(url, json, token)?;
     match command {
         AdminCommand::Status => a.status().await,
         AdminCommand::Topic(c) => match c {

@@ -106,7 +106,13 @@ pub async fn serve(mut cfg: Config) -> Result<()> {
         flush_policy: cfg.store.flush.as_str().to_owned(),
         data_dir: cfg.server.data_dir.clone(),
     };
-    let admin_srv = sluice_admin::run(admin, broker.clone(), info, stopped(stop_rx));
+    let admin_options = sluice_admin::AdminOptions {
+        token: cfg.server.admin_token.clone(),
+    };
+    if admin_options.token.is_none() && !cfg.server.admin_listen.ip().is_loopback() {
+        tracing::warn!(admin = %cfg.server.admin_listen, "the admin API listens beyond this host without a token ([server] admin_token)");
+    }
+    let admin_srv = sluice_admin::run(admin, broker.clone(), info, admin_options, stopped(stop_rx));
     servers.spawn(async move { ("admin API", admin_srv.await.map_err(anyhow::Error::from)) });
     let maintenance = tokio::spawn(broker.clone().run_maintenance(maint_rx));
 

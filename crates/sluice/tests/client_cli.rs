@@ -194,6 +194,7 @@ fn sluice_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("SLUICE_ACCESS_KEY")
         .env_remove("SLUICE_SECRET_KEY")
         .env_remove("SLUICE_NAMESPACE")
+        .env_remove("SLUICE_ADMIN_TOKEN")
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -216,6 +217,7 @@ fn client_commands_sign_requests_and_take_a_namespace() {
     let log = File::create(data.with_extension("log")).expect("log file");
     let child = common::server_command(&["--flush", "async"], &data, grpc_port, admin_port, log)
         .env("SLUICE_PROXY__ACL_FILE", &acl)
+        .env("SLUICE_ADMIN_TOKEN", "admin-t0ken")
         .spawn()
         .expect("spawn server");
     let s = Server {
@@ -228,16 +230,19 @@ fn client_commands_sign_requests_and_take_a_namespace() {
         assert!(Instant::now() < deadline, "server not ready in time");
         std::thread::sleep(Duration::from_millis(50));
     }
-    sluice(
-        &s,
-        &["topic", "create", "prod%orders", "--type", "normal"],
-        None,
-    );
-    sluice(
-        &s,
-        &["group", "create", "prod%billing", "--start", "earliest"],
-        None,
-    );
+    // The admin API wants its token too.
+    let admin = [("SLUICE_ADMIN_TOKEN", "admin-t0ken")];
+    let refused = sluice_env(&s, &["topic", "list"], &[]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("UNAUTHORIZED"), "{err}");
+    for args in [
+        &["topic", "create", "prod%orders", "--type", "normal"][..],
+        &["group", "create", "prod%billing", "--start", "earliest"][..],
+    ] {
+        let o = sluice_env(&s, args, &admin);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     let creds = [
         ("SLUICE_ACCESS_KEY", "cli"),
         ("SLUICE_SECRET_KEY", "cli-secret"),
@@ -288,10 +293,10 @@ fn client_commands_sign_requests_and_take_a_namespace() {
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["body"], "signed");
-    let topic: serde_json::Value = serde_json::from_str(&stdout(&sluice(
+    let topic: serde_json::Value = serde_json::from_str(&stdout(&sluice_env(
         &s,
         &["--json", "topic", "describe", "prod%orders"],
-        None,
+        &admin,
     )))
     .expect("json");
     assert_eq!(topic["stored_messages"], 1);
