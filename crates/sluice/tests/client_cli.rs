@@ -25,11 +25,18 @@ impl Drop for Server {
 }
 
 fn start(data: &Path) -> Server {
+    start_with_env(data, &[])
+}
+
+/// [`start`] with extra environment variables for the server.
+fn start_with_env(data: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Server {
     let (grpc_port, admin_port) = (free_port(), free_port());
     let log = File::create(data.with_extension("log")).expect("log file");
-    let child = common::server_command(&["--flush", "async"], data, grpc_port, admin_port, log)
-        .spawn()
-        .expect("spawn server");
+    let mut cmd = common::server_command(&["--flush", "async"], data, grpc_port, admin_port, log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn server");
     let s = Server {
         child,
         endpoint: format!("127.0.0.1:{grpc_port}"),
@@ -212,24 +219,13 @@ fn client_commands_sign_requests_and_take_a_namespace() {
          publish = [\"prod%*\"]\nsubscribe = [\"prod%*\"]\ngroups = [\"prod%*\"]\n",
     )
     .expect("acl");
-    let (grpc_port, admin_port) = (free_port(), free_port());
-    let data = dir.path().join("data");
-    let log = File::create(data.with_extension("log")).expect("log file");
-    let child = common::server_command(&["--flush", "async"], &data, grpc_port, admin_port, log)
-        .env("SLUICE_PROXY__ACL_FILE", &acl)
-        .env("SLUICE_ADMIN_TOKEN", "admin-t0ken")
-        .spawn()
-        .expect("spawn server");
-    let s = Server {
-        child,
-        endpoint: format!("127.0.0.1:{grpc_port}"),
-        admin: format!("http://127.0.0.1:{admin_port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_status(admin_port, "/readyz") != Some(200) {
-        assert!(Instant::now() < deadline, "server not ready in time");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = start_with_env(
+        &dir.path().join("data"),
+        &[
+            ("SLUICE_PROXY__ACL_FILE", acl.as_os_str()),
+            ("SLUICE_ADMIN_TOKEN", "admin-t0ken".as_ref()),
+        ],
+    );
     // The admin API wants its token too.
     let admin = [("SLUICE_ADMIN_TOKEN", "admin-t0ken")];
     let refused = sluice_env(&s, &["topic", "list"], &[]);
