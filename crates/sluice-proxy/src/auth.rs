@@ -71,7 +71,7 @@ impl Patterns {
     fn new(v: Vec<String>, user: &str, what: &str) -> Result<Patterns, AclError> {
         for p in &v {
             let body = p.strip_suffix('*').unwrap_or(p);
-            if body.contains('*') || (p.is_empty()) {
+            if body.contains('*') || p.is_empty() {
                 return Err(AclError::User(
                     user.into(),
                     format!("{what} pattern {p:?}: `*` may only end a pattern"),

@@ -104,6 +104,48 @@ async fn receive(
     Ok((code.ok_or_else(|| anyhow::anyhow!("no status"))?, msgs))
 }
 
+/// The status code of a QueryRoute of `topic` in the style's namespace.
+async fn route(
+    c: &mut MessagingServiceClient<Channel>,
+    style: Style,
+    topic: &str,
+) -> anyhow::Result<Option<Code>> {
+    let r = c
+        .query_route(style.req(v2::QueryRouteRequest {
+            topic: style.res(topic),
+            endpoints: None,
+        }))
+        .await?
+        .into_inner();
+    Ok(r.status.map(|s| s.code()))
+}
+
+/// The status code of an ack of one received message as `g` on `t`.
+async fn ack(
+    c: &mut MessagingServiceClient<Channel>,
+    style: Style,
+    m: &v2::Message,
+) -> anyhow::Result<Option<Code>> {
+    let id = m
+        .system_properties
+        .as_ref()
+        .map(|s| s.message_id.clone())
+        .unwrap_or_default();
+    let r = c
+        .ack_message(style.req(v2::AckMessageRequest {
+            group: style.res("g"),
+            topic: style.res("t"),
+            entries: vec![v2::AckMessageEntry {
+                message_id: id,
+                receipt_handle: handle(m),
+                lite_topic: None,
+            }],
+        }))
+        .await?
+        .into_inner();
+    Ok(r.status.map(|s| s.code()))
+}
+
 fn ids(msgs: &[v2::Message]) -> Vec<String> {
     let mut v: Vec<String> = msgs
         .iter()
@@ -153,9 +195,9 @@ async fn namespaces_scope_topics_and_groups() -> anyhow::Result<()> {
     });
     req.metadata_mut()
         .insert("x-mq-namespace", "prod".parse().expect("header"));
-    let route = c.query_route(req).await?.into_inner();
-    assert_eq!(route.status.map(|s| s.code()), Some(Code::Ok));
-    let t = route.message_queues[0].topic.clone().unwrap_or_default();
+    let routed = c.query_route(req).await?.into_inner();
+    assert_eq!(routed.status.map(|s| s.code()), Some(Code::Ok));
+    let t = routed.message_queues[0].topic.clone().unwrap_or_default();
     assert_eq!(
         (t.resource_namespace.as_str(), t.name.as_str()),
         ("prod", "t")
@@ -163,14 +205,10 @@ async fn namespaces_scope_topics_and_groups() -> anyhow::Result<()> {
 
     // A topic that exists only outside the namespace is not found inside it.
     let st = Style::Both("prod");
-    let route = c
-        .query_route(st.req(v2::QueryRouteRequest {
-            topic: st.res("only-global"),
-            endpoints: None,
-        }))
-        .await?
-        .into_inner();
-    assert_eq!(route.status.map(|s| s.code()), Some(Code::TopicNotFound));
+    assert_eq!(
+        route(&mut c, st, "only-global").await?,
+        Some(Code::TopicNotFound)
+    );
 
     // Receives see their own namespace only, and name the topic as the client does.
     let (code, msgs) = receive(&mut c, Style::Header("prod"), "g", "t").await?;
@@ -190,33 +228,9 @@ async fn namespaces_scope_topics_and_groups() -> anyhow::Result<()> {
     assert_eq!((t.resource_namespace.as_str(), t.name.as_str()), ("", "t"));
 
     // A prod receipt handle is not valid for the global topic, and is for prod.
-    let wrong = c
-        .ack_message(Style::None.req(v2::AckMessageRequest {
-            group: res("g"),
-            topic: res("t"),
-            entries: vec![v2::AckMessageEntry {
-                message_id: "P0".into(),
-                receipt_handle: handle(&msgs[0]),
-                lite_topic: None,
-            }],
-        }))
-        .await?
-        .into_inner();
-    assert_ne!(wrong.status.map(|s| s.code()), Some(Code::Ok));
+    assert_ne!(ack(&mut c, Style::None, &msgs[0]).await?, Some(Code::Ok));
     let st = Style::Both("prod");
-    let ack = c
-        .ack_message(st.req(v2::AckMessageRequest {
-            group: st.res("g"),
-            topic: st.res("t"),
-            entries: vec![v2::AckMessageEntry {
-                message_id: "P0".into(),
-                receipt_handle: handle(&msgs[0]),
-                lite_topic: None,
-            }],
-        }))
-        .await?
-        .into_inner();
-    assert_eq!(ack.status.map(|s| s.code()), Some(Code::Ok));
+    assert_eq!(ack(&mut c, st, &msgs[0]).await?, Some(Code::Ok));
 
     // Dead letters of prod%g land in %DLQ%prod%g, which the prod client names %DLQ%g.
     let dlq = c
@@ -232,14 +246,7 @@ async fn namespaces_scope_topics_and_groups() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(dlq.status.map(|s| s.code()), Some(Code::Ok));
-    let route = c
-        .query_route(st.req(v2::QueryRouteRequest {
-            topic: st.res("%DLQ%g"),
-            endpoints: None,
-        }))
-        .await?
-        .into_inner();
-    assert_eq!(route.status.map(|s| s.code()), Some(Code::Ok));
+    assert_eq!(route(&mut c, st, "%DLQ%g").await?, Some(Code::Ok));
     assert!(s.broker.route("%DLQ%prod%g").is_ok());
     assert!(s.broker.route("%DLQ%g").is_err());
     s.stop();
@@ -252,15 +259,8 @@ async fn malformed_namespaces_get_bad_request_and_change_nothing() -> anyhow::Re
     let mut c = client(s.addr).await?;
     for bad in ["a.b", "x%y", "../etc"] {
         for st in [Style::Header(bad), Style::Resource(bad)] {
-            let route = c
-                .query_route(st.req(v2::QueryRouteRequest {
-                    topic: st.res("t"),
-                    endpoints: None,
-                }))
-                .await?
-                .into_inner();
             assert_eq!(
-                route.status.map(|s| s.code()),
+                route(&mut c, st, "t").await?,
                 Some(Code::BadRequest),
                 "{bad}"
             );
