@@ -142,6 +142,32 @@ pub struct Acl {
     users: HashMap<String, Arc<User>>,
 }
 
+/// The ACL in force, shared by every connection and replaced whole when its file is
+/// reloaded: a request sees either the old users or the new ones, never a mix. A reload
+/// drops the users' cached signatures, so the first request of each signs afresh.
+#[derive(Debug, Default)]
+pub struct SharedAcl {
+    current: parking_lot::RwLock<Arc<Acl>>,
+}
+
+impl SharedAcl {
+    pub fn new(acl: Acl) -> SharedAcl {
+        SharedAcl {
+            current: parking_lot::RwLock::new(Arc::new(acl)),
+        }
+    }
+
+    /// The ACL to check one request against.
+    pub fn current(&self) -> Arc<Acl> {
+        self.current.read().clone()
+    }
+
+    /// Puts `acl` in force for every request that starts from now on.
+    pub fn replace(&self, acl: Acl) {
+        *self.current.write() = Arc::new(acl);
+    }
+}
+
 /// Why a request is not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {

@@ -39,8 +39,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Time a new connection has to send the HTTP/2 preface before it is closed.
     pub handshake_timeout: Duration,
-    /// Users and their permissions; `None`: no authentication (see [`auth`]).
-    pub acl: Option<Arc<auth::Acl>>,
+    /// Users and their permissions, replaceable while serving; `None`: no authentication
+    /// (see [`auth`]).
+    pub acl: Option<Arc<auth::SharedAcl>>,
 }
 
 impl Default for ProxyConfig {

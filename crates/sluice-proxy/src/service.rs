@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ProxyConfig;
-use crate::auth::{Acl, Action, AuthError, User};
+use crate::auth::{Action, AuthError, SharedAcl, User};
 use crate::clients::{Clients, Renewal};
 use crate::codes::{Dialect, error_status, ok, status};
 use crate::convert::{delivery_to_pb, dur, from_pb, ms_to_ts, pb_message_type, to_pb_duration};
@@ -93,11 +93,11 @@ pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-fn ctx<T>(req: &Request<T>, acl: Option<&Acl>) -> Ctx {
+fn ctx<T>(req: &Request<T>, acl: Option<&SharedAcl>) -> Ctx {
     let md = req.metadata();
     let auth = match acl {
         None => Auth::Off,
-        Some(acl) => match acl.authenticate(
+        Some(acl) => match acl.current().authenticate(
             md.get("authorization").map(|v| v.as_bytes()),
             md.get("x-mq-date-time").map(|v| v.as_bytes()),
         ) {

@@ -8,7 +8,7 @@ use sluice_broker::{BrokerConfig, MessageType};
 use sluice_proto::v2::messaging_service_client::MessagingServiceClient;
 use sluice_proto::v2::{self, Code};
 use sluice_proxy::ProxyConfig;
-use sluice_proxy::auth::{Acl, sign};
+use sluice_proxy::auth::{Acl, SharedAcl, sign};
 use tonic::transport::Channel;
 
 mod common;
@@ -29,6 +29,11 @@ groups = ["billing"]
 "#;
 
 async fn start() -> anyhow::Result<Server> {
+    Ok(start_shared().await?.0)
+}
+
+/// [`start`], with the ACL handle the server checks requests against.
+async fn start_shared() -> anyhow::Result<(Server, Arc<SharedAcl>)> {
     let dir = tempfile::tempdir()?;
     let broker = common::open_broker(
         dir.path(),
@@ -39,11 +44,12 @@ async fn start() -> anyhow::Result<Server> {
     broker.create_topic("payments", MessageType::Normal, 2)?;
     broker.create_group("billing", false, Some(3), None, None)?;
     broker.create_group("audit", false, Some(3), None, None)?;
+    let acl = Arc::new(SharedAcl::new(Acl::from_toml(ACL)?));
     let cfg = ProxyConfig {
-        acl: Some(Arc::new(Acl::from_toml(ACL)?)),
+        acl: Some(acl.clone()),
         ..ProxyConfig::default()
     };
-    common::serve_with(dir, broker, cfg).await
+    Ok((common::serve_with(dir, broker, cfg).await?, acl))
 }
 
 /// Who signs a request.
@@ -233,5 +239,67 @@ async fn users_get_what_the_acl_allows_and_forbidden_otherwise() -> anyhow::Resu
         .into_inner();
     assert_eq!(off.status.map(|s| s.code()), Some(Code::Forbidden));
     s.stop();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_acl_applies_to_the_next_request_on_open_connections() -> anyhow::Result<()> {
+    let (s, acl) = start_shared().await?;
+    let mut c = client(s.addr).await?;
+    let producer = As::User("producer", "p-secret");
+    assert_eq!(
+        send(&mut c, producer, "orders", "before").await?,
+        Some(Code::Ok)
+    );
+    assert_eq!(
+        send(&mut c, As::User("newcomer", "n-secret"), "payments", "x").await?,
+        Some(Code::Unauthorized)
+    );
+
+    // The producer loses "orders" and gains "payments"; a new user appears; the same
+    // connection is used throughout.
+    acl.replace(Acl::from_toml(
+        r#"
+[[users]]
+access_key = "producer"
+secret_key = "p-secret"
+publish = ["payments"]
+
+[[users]]
+access_key = "newcomer"
+secret_key = "n-secret"
+publish = ["payments"]
+"#,
+    )?);
+    assert_eq!(
+        send(&mut c, producer, "orders", "after").await?,
+        Some(Code::Forbidden)
+    );
+    assert_eq!(
+        send(&mut c, producer, "payments", "p1").await?,
+        Some(Code::Ok)
+    );
+    assert_eq!(
+        send(&mut c, As::User("newcomer", "n-secret"), "payments", "p2").await?,
+        Some(Code::Ok)
+    );
+    // A changed secret: the old signature no longer passes, though it was cached.
+    acl.replace(Acl::from_toml(
+        "[[users]]\naccess_key = \"producer\"\nsecret_key = \"rotated\"\npublish = [\"*\"]\n",
+    )?);
+    assert_eq!(
+        send(&mut c, producer, "payments", "p3").await?,
+        Some(Code::Unauthorized)
+    );
+    assert_eq!(
+        send(&mut c, As::User("producer", "rotated"), "payments", "p4").await?,
+        Some(Code::Ok)
+    );
+    let stored = |t: &str| {
+        (0..2)
+            .map(|q| s.broker.store().queue_offsets(t, q).1)
+            .sum::<u64>()
+    };
+    assert_eq!((stored("orders"), stored("payments")), (1, 3));
     Ok(())
 }

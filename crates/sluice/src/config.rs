@@ -288,6 +288,9 @@ macro_rules! section {
     };
 }
 
+/// Settings `sluice config show` hides unless asked: (section, key).
+const SECRETS: &[(&str, &str)] = &[("server", "admin_token")];
+
 fn lib_store() -> StoreConfig {
     StoreConfig::new("")
 }
@@ -427,7 +430,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 /// Reads and parses an ACL file (`[proxy] acl_file`).
-fn load_acl(path: &Path) -> Result<sluice_proxy::auth::Acl, String> {
+pub fn load_acl(path: &Path) -> Result<sluice_proxy::auth::Acl, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     sluice_proxy::auth::Acl::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -756,7 +759,9 @@ impl Config {
         let d = ProxyConfig::default();
         let body = usize::try_from(self.broker.max_body_size.0).unwrap_or(usize::MAX);
         let acl = match &self.proxy.acl_file {
-            Some(path) => Some(std::sync::Arc::new(load_acl(path)?)),
+            Some(path) => Some(std::sync::Arc::new(sluice_proxy::auth::SharedAcl::new(
+                load_acl(path)?,
+            ))),
             None => None,
         };
         Ok(ProxyConfig {
@@ -773,8 +778,10 @@ impl Config {
         })
     }
 
-    /// The effective configuration as TOML, in file order; it loads back unchanged.
-    pub fn to_toml(&self) -> String {
+    /// The effective configuration as TOML, in file order; with `show_secrets` it loads back
+    /// unchanged. Without it, a secret that is set (see `SECRETS`) is printed as a comment
+    /// saying so, so a shown configuration pasted into a ticket or a log leaks nothing.
+    pub fn to_toml(&self, show_secrets: bool) -> String {
         let sections = [
             (ServerSettings::NAME, self.server.entries()),
             (StoreSettings::NAME, self.store.entries()),
@@ -788,7 +795,14 @@ impl Config {
             }
             out.push_str(&format!("[{name}]\n"));
             for (key, value) in entries {
-                out.push_str(&format!("{key} = {value}\n"));
+                let secret = SECRETS.contains(&(*name, *key));
+                if secret && !show_secrets && value.as_str() != Some("off") {
+                    out.push_str(&format!(
+                        "# {key} = (set, hidden; --show-secrets prints it)\n"
+                    ));
+                } else {
+                    out.push_str(&format!("{key} = {value}\n"));
+                }
             }
         }
         out
@@ -926,7 +940,7 @@ mod tests {
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let acl = c.proxy_config().map_err(anyhow::Error::msg)?.acl;
-        assert_eq!(acl.map(|a| a.len()), Some(1));
+        assert_eq!(acl.map(|a| a.current().len()), Some(1));
         assert!(
             Config::default()
                 .proxy_config()
@@ -1103,7 +1117,8 @@ mod tests {
         c.store.disk_budget = Some(ByteSize(3_000_000_000));
         c.store.flush_interval = HumanDuration(Duration::from_millis(1500));
         c.broker.name = "b \"quoted\"".into();
-        let text = c.to_toml();
+        c.server.admin_token = Some("s3cret".into());
+        let text = c.to_toml(true);
         assert!(text.contains("retention = \"off\""), "{text}");
         assert!(text.contains("disk_budget = \"3GB\""), "{text}");
         assert!(text.contains("segment_size = \"1GiB\""), "{text}");
@@ -1113,6 +1128,23 @@ mod tests {
         back.apply_toml(&text, "shown", &mut errs);
         assert!(errs.is_empty(), "{errs:#?}");
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn show_hides_secrets_unless_asked() {
+        let mut c = Config::default();
+        assert!(c.to_toml(false).contains("admin_token = \"off\""));
+        c.server.admin_token = Some("s3cret".into());
+        let text = c.to_toml(false);
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("# admin_token = (set, hidden"), "{text}");
+        assert!(c.to_toml(true).contains("admin_token = \"s3cret\""));
+        // The hidden form still loads (the token falls back to its default).
+        let mut back = Config::default();
+        let mut errs = Vec::new();
+        back.apply_toml(&text, "shown", &mut errs);
+        assert!(errs.is_empty(), "{errs:#?}");
+        assert_eq!(back.server.admin_token, None);
     }
 
     #[test]

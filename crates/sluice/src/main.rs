@@ -147,10 +147,19 @@ impl ServerArgs {
     }
 }
 
+#[derive(Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Print secrets (the admin token) instead of hiding them.
+    #[arg(long)]
+    show_secrets: bool,
+}
+
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Print the configuration in effect (defaults, file, environment, flags) as TOML.
-    Show(ServerArgs),
+    Show(ShowArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -308,9 +317,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Config(ConfigCommand::Show(args)) => match args.load() {
+        Command::Config(ConfigCommand::Show(args)) => match args.server.load() {
             Ok(c) => {
-                print!("{}", c.to_toml());
+                print!("{}", c.to_toml(args.show_secrets));
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e, 2),

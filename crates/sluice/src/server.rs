@@ -1,19 +1,21 @@
 //! `sluice server`: opens the store and the broker, serves the gRPC and admin endpoints,
-//! and shuts down cleanly on SIGTERM or SIGINT.
+//! and shuts down cleanly on SIGTERM or SIGINT. SIGHUP rereads the ACL file.
 //!
 //! Shutdown order matters: first both servers stop accepting and finish the requests in
 //! flight (so no request changes state after the snapshot), then the maintenance task takes
 //! its final POP snapshot, then the store flushes and writes its last checkpoint.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
 use sluice_broker::Broker;
 use sluice_common::SystemClock;
+use sluice_proxy::auth::SharedAcl;
 use sluice_store::{RecoveryReport, Store};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -21,6 +23,67 @@ use crate::config::Config;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the ACL file is looked at for a change (SIGHUP rereads it at once).
+const ACL_POLL: Duration = Duration::from_secs(2);
+
+/// Rereads the ACL file on SIGHUP and whenever its modification time or size changes, and
+/// puts it in force for the requests that follow. A file that cannot be read or parsed
+/// leaves the ACL in force as it was, and says so in the log; it is read again once it
+/// changes (or on the next SIGHUP).
+async fn watch_acl(
+    path: PathBuf,
+    acl: Arc<SharedAcl>,
+    mut hup: Signal,
+    stop: watch::Receiver<bool>,
+) {
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(ACL_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        let signalled = tokio::select! {
+            _ = &mut stop => return,
+            _ = hup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        let now = stamp(&path);
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || crate::config::load_acl(&p)).await {
+            Ok(Ok(new)) => {
+                let users = new.len();
+                acl.replace(new);
+                tracing::info!(users, file = %path.display(), "ACL reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "ACL not reloaded; the previous one stays in force")
+            }
+            Err(e) => tracing::error!(error = %e, "ACL reload task failed"),
+        }
+    }
+}
+
+/// Logs SIGHUPs when there is nothing to reload (so they do not end the server).
+async fn ignore_hup(mut hup: Signal, stop: watch::Receiver<bool>) {
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hup.recv() => tracing::info!("SIGHUP: no ACL file to reload ([proxy] acl_file)"),
+        }
+    }
+}
 
 /// Resolves once `rx` turns true (or its sender is gone).
 async fn stopped(mut rx: watch::Receiver<bool>) {
@@ -49,6 +112,7 @@ pub async fn serve(mut cfg: Config) -> Result<()> {
     // Installed first, so a signal during start-up is not fatal but stops us once started.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     // Absolute, so logs and the status endpoint say where the data really is.
     if let Ok(abs) = std::path::absolute(&cfg.server.data_dir) {
@@ -91,12 +155,23 @@ pub async fn serve(mut cfg: Config) -> Result<()> {
     let (maint_tx, maint_rx) = watch::channel(false);
     let mut servers: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     let proxy_cfg = cfg.proxy_config().map_err(anyhow::Error::msg)?;
-    match &proxy_cfg.acl {
-        Some(acl) => tracing::info!(
-            users = acl.len(),
-            "authentication on: requests must be signed"
-        ),
-        None => tracing::info!("authentication off ([proxy] acl_file)"),
+    match (&proxy_cfg.acl, &cfg.proxy.acl_file) {
+        (Some(acl), Some(path)) => {
+            tracing::info!(
+                users = acl.current().len(),
+                "authentication on: requests must be signed"
+            );
+            tokio::spawn(watch_acl(
+                path.clone(),
+                acl.clone(),
+                sighup,
+                stop_rx.clone(),
+            ));
+        }
+        _ => {
+            tracing::info!("authentication off ([proxy] acl_file)");
+            tokio::spawn(ignore_hup(sighup, stop_rx.clone()));
+        }
     }
     let proxy = sluice_proxy::run(grpc, broker.clone(), proxy_cfg, stopped(stop_rx.clone()));
     servers.spawn(async move { ("gRPC endpoint", proxy.await.map_err(anyhow::Error::from)) });

@@ -304,3 +304,84 @@ fn client_commands_sign_requests_and_take_a_namespace() {
     );
     assert_eq!(half.status.code(), Some(2));
 }
+
+/// Sends one message as the given user; whether the server took it.
+fn send_as(s: &Server, key: &str, secret: &str, body: &str) -> Output {
+    sluice_env(
+        s,
+        &["send", "orders", body],
+        &[("SLUICE_ACCESS_KEY", key), ("SLUICE_SECRET_KEY", secret)],
+    )
+}
+
+/// Retries `f` until it holds (the server rereads the file in the background).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn acl_file_changes_apply_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl.toml");
+    let user = |k: &str| {
+        format!(
+            "[[users]]\naccess_key = \"{k}\"\nsecret_key = \"{k}-secret\"\npublish = [\"orders\"]\n"
+        )
+    };
+    std::fs::write(&acl, user("first")).expect("acl");
+    let s = start_with_env(
+        &dir.path().join("data"),
+        &[("SLUICE_PROXY__ACL_FILE", acl.as_os_str())],
+    );
+    let o = sluice_env(&s, &["topic", "create", "orders", "--type", "normal"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(send_as(&s, "first", "first-secret", "1").status.success());
+    assert!(!send_as(&s, "second", "second-secret", "x").status.success());
+
+    // Rewritten: "second" replaces "first"; picked up by the file watch.
+    std::fs::write(&acl, user("second")).expect("acl");
+    eventually("the new user is accepted", || {
+        send_as(&s, "second", "second-secret", "2").status.success()
+    });
+    let gone = send_as(&s, "first", "first-secret", "x");
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("UNAUTHORIZED"));
+
+    // A broken file keeps the ACL in force; SIGHUP rereads it at once, and the server
+    // stays up.
+    std::fs::write(&acl, "[[users]]\naccess_key = \"broken\"\n").expect("acl");
+    let hup = Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(send_as(&s, "second", "second-secret", "3").status.success());
+    let log = || std::fs::read_to_string(dir.path().join("data.log")).unwrap_or_default();
+    eventually("the log says the file was refused", || {
+        log().contains("ACL not reloaded")
+    });
+    // Fixed again, made known by SIGHUP alone.
+    std::fs::write(&acl, user("third")).expect("acl");
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &s.child.id().to_string()])
+            .status()
+            .expect("kill -HUP")
+            .success()
+    );
+    eventually("the fixed file is in force", || {
+        send_as(&s, "third", "third-secret", "4").status.success()
+    });
+    let topic: serde_json::Value = serde_json::from_str(&stdout(&sluice_env(
+        &s,
+        &["--json", "topic", "describe", "orders"],
+        &[],
+    )))
+    .expect("json");
+    assert_eq!(topic["stored_messages"], 4);
+}
