@@ -38,8 +38,14 @@ const ENTRY: u64 = 28;
 
 /// FNV-1a, 64 bit.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_parts(&[bytes])
+}
+
+/// FNV-1a of the concatenation of `parts`, without building it (the hashes are part of
+/// the index files, so this must equal `fnv1a` of the joined bytes).
+fn fnv1a_parts(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
+    for b in parts.iter().flat_map(|p| p.iter()) {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -48,20 +54,12 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Hash of a message id in the index.
 pub fn id_hash(id: &str) -> u64 {
-    let mut v = Vec::with_capacity(id.len() + 2);
-    v.extend_from_slice(b"U\0");
-    v.extend_from_slice(id.as_bytes());
-    fnv1a(&v)
+    fnv1a_parts(&[b"U\0", id.as_bytes()])
 }
 
 /// Hash of a (topic, key) pair in the index.
 pub fn key_hash(topic: &str, key: &str) -> u64 {
-    let mut v = Vec::with_capacity(topic.len() + key.len() + 3);
-    v.extend_from_slice(b"K\0");
-    v.extend_from_slice(topic.as_bytes());
-    v.push(0);
-    v.extend_from_slice(key.as_bytes());
-    fnv1a(&v)
+    fnv1a_parts(&[b"K\0", topic.as_bytes(), b"\0", key.as_bytes()])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,6 +493,15 @@ impl Index {
 mod tests {
     use super::*;
     use crate::fs::StdFs;
+
+    #[test]
+    fn hashes_are_those_of_the_index_format() {
+        // Written to index files: these values must never change.
+        assert_eq!(id_hash("MSG-1"), 0xffb1_a0a6_dbc8_a6ef);
+        assert_eq!(key_hash("orders", "k1"), 0x201b_07ad_dd75_5219);
+        assert_eq!(id_hash("MSG-1"), fnv1a(b"U\0MSG-1"));
+        assert_eq!(key_hash("orders", "k1"), fnv1a(b"K\0orders\0k1"));
+    }
 
     #[test]
     fn lookups_survive_seal_and_reopen() {
