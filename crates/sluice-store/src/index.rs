@@ -16,9 +16,12 @@
 //!           u32 previous entry of the chain (1-based, 0 = end)
 //! ```
 //!
-//! Write: the writer thread adds entries to the active file, which is kept in memory and
-//! written out (entries, slots, then header) by the checkpoint; a file that is full is sealed
-//! and a new one started. Read: chains are walked newest first; sealed files are read with
+//! Write: the writer thread adds entries to the active file, which is kept in memory; the
+//! checkpoint writes out its new entries, then the header that counts them. The active
+//! file's slots are not written then (recovery rebuilds them from the entries, below), so a
+//! checkpoint writes what was added, not the whole slot table (4 MiB with the default
+//! 2^20 slots). A file that is full is sealed: written out whole, slots included, before the
+//! next one is created, so every file but the newest has its slots on disk. Read: chains are walked newest first; sealed files are read with
 //! `pread`. A hash match is only a candidate: callers read the record and compare the key.
 //! Recover: the active file is loaded, its slots rebuilt from its entries, and records after
 //! `end_offset` are indexed again from the commit log. Delete: retention drops sealed files
@@ -104,14 +107,16 @@ pub(crate) struct Index {
     io: Mutex<()>,
 }
 
-/// What `persist` writes, copied under the `active` lock and written without it.
+/// What `persist` writes, copied under the `active` lock and encoded and written without
+/// it.
 struct Image {
     seq: u64,
     file: Arc<dyn VFile>,
     first_entry: usize,
     entry_count: usize,
-    entries: Vec<u8>,
-    slots: Vec<u8>,
+    entries: Vec<IdxEntry>,
+    /// Only when the file is sealed.
+    slots: Option<Vec<u32>>,
     header: [u8; HEADER as usize],
     end_offset: u64,
 }
@@ -263,6 +268,14 @@ impl Index {
                 continue; // already indexed (replay after recovery)
             }
             if a.entries.len() as u32 >= self.max_entries {
+                // Items come in commit-log order: the records before this one are all
+                // indexed, here or in older files (set before the seal, or a file filled
+                // in the middle of a batch would claim less than it holds, and retention
+                // would drop it while its last records are still in the commit log).
+                a.end_offset = a.end_offset.max(offset);
+                // Sealed (slots and all) before its successor exists: a file that is not
+                // the newest is never missing its slots (see the module docs).
+                self.write_out(&mut a)?;
                 let seq = a.seq + 1;
                 let next = Self::new_active(
                     self.vfs.as_ref(),
@@ -294,21 +307,10 @@ impl Index {
         Ok(())
     }
 
-    /// Copies what is not yet persisted of the active file, with the slots and header that
-    /// describe it.
-    fn image(&self, a: &Active) -> Image {
-        let mut entries =
-            Vec::with_capacity((a.entries.len() - a.persisted_entries) * ENTRY as usize);
-        for e in &a.entries[a.persisted_entries..] {
-            entries.extend_from_slice(&e.hash.to_le_bytes());
-            entries.extend_from_slice(&e.offset.to_le_bytes());
-            entries.extend_from_slice(&e.ts.to_le_bytes());
-            entries.extend_from_slice(&e.prev.to_le_bytes());
-        }
-        let mut slots = Vec::with_capacity(a.slots.len() * 4);
-        for s in &a.slots {
-            slots.extend_from_slice(&s.to_le_bytes());
-        }
+    /// Copies what is not yet persisted of the active file (and, with `slots`, its slot
+    /// table), with the header that describes it. Plain copies: the encoding is done by
+    /// `write_image`, outside the lock the writer needs for every batch.
+    fn image(&self, a: &Active, slots: bool) -> Image {
         let mut h = [0u8; HEADER as usize];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         h[4..8].copy_from_slice(&1u32.to_le_bytes());
@@ -323,8 +325,8 @@ impl Index {
             file: a.file.clone(),
             first_entry: a.persisted_entries,
             entry_count: a.entries.len(),
-            entries,
-            slots,
+            entries: a.entries[a.persisted_entries..].to_vec(),
+            slots: slots.then(|| a.slots.clone()),
             header: h,
             end_offset: a.end_offset,
         }
@@ -332,12 +334,20 @@ impl Index {
 
     fn write_image(&self, img: &Image) -> io::Result<()> {
         let sc = self.slot_count as u64;
-        img.file.write_all_at(
-            &img.entries,
-            HEADER + sc * 4 + img.first_entry as u64 * ENTRY,
-        )?;
-        img.file.write_all_at(&img.slots, HEADER)?;
-        // Entries and slots must be durable before the header that counts them.
+        let mut entries = Vec::with_capacity(img.entries.len() * ENTRY as usize);
+        for e in &img.entries {
+            entries.extend_from_slice(&e.hash.to_le_bytes());
+            entries.extend_from_slice(&e.offset.to_le_bytes());
+            entries.extend_from_slice(&e.ts.to_le_bytes());
+            entries.extend_from_slice(&e.prev.to_le_bytes());
+        }
+        img.file
+            .write_all_at(&entries, HEADER + sc * 4 + img.first_entry as u64 * ENTRY)?;
+        if let Some(slots) = &img.slots {
+            let bytes: Vec<u8> = slots.iter().flat_map(|s| s.to_le_bytes()).collect();
+            img.file.write_all_at(&bytes, HEADER)?;
+        }
+        // Entries (and slots) must be durable before the header that counts them.
         img.file.sync_data()?;
         img.file.write_all_at(&img.header, 0)?;
         // The header is what recovery trusts; make it durable before the checkpoint.
@@ -346,7 +356,7 @@ impl Index {
 
     /// Writes the whole active file out (sealing; the caller holds `active`).
     fn write_out(&self, a: &mut Active) -> io::Result<()> {
-        let img = self.image(a);
+        let img = self.image(a, true);
         let _io = self.io.lock();
         self.write_image(&img)?;
         a.persisted_entries = img.entry_count;
@@ -354,8 +364,8 @@ impl Index {
         Ok(())
     }
 
-    fn seal(&self, mut a: Active) -> io::Result<()> {
-        self.write_out(&mut a)?;
+    /// Lists a file written out whole (`write_out`) as sealed.
+    fn seal(&self, a: Active) -> io::Result<()> {
         self.sealed.write().push(Sealed {
             seq: a.seq,
             file: a.file,
@@ -373,22 +383,24 @@ impl Index {
     ///
     /// The appends of the writer are not held up by the file writes and fdatasyncs: what
     /// is to be written is copied under the lock, written without it, and only then
-    /// counted as persisted (if the file was sealed meanwhile, the seal wrote it whole,
+    /// counted as persisted (if the file is sealed meanwhile, the seal writes it whole
     /// after this write, as it waits for `io`).
     pub fn persist(&self) -> io::Result<u64> {
-        let img = {
+        let (img, io) = {
             let mut a = self.active.lock();
             if !a.dirty {
                 return Ok(a.end_offset);
             }
             // Entries added from here on mark the file dirty again.
             a.dirty = false;
-            self.image(&a)
+            let img = self.image(&a, false);
+            // Taken before `active` is let go (never waits: only holders of `active` take
+            // it), so a seal cannot come between this copy and its write and then have its
+            // header overwritten by this older one.
+            (img, self.io.lock())
         };
-        let written = {
-            let _io = self.io.lock();
-            self.write_image(&img)
-        };
+        let written = self.write_image(&img);
+        drop(io);
         let mut a = self.active.lock();
         match written {
             Ok(()) => {
@@ -501,6 +513,29 @@ mod tests {
         assert_eq!(key_hash("orders", "k1"), 0x201b_07ad_dd75_5219);
         assert_eq!(id_hash("MSG-1"), fnv1a(b"U\0MSG-1"));
         assert_eq!(key_hash("orders", "k1"), fnv1a(b"K\0orders\0k1"));
+    }
+
+    #[test]
+    fn sealed_files_are_complete_without_a_checkpoint() {
+        // Files fill up and are sealed between checkpoints; a crash then (no `persist`)
+        // must leave every sealed file with its slots, while the active file, never
+        // checkpointed, is rebuilt from the commit log (`from`).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vfs: Arc<dyn Vfs> = Arc::new(StdFs);
+        let (idx, _) = Index::open(vfs.clone(), dir.path().to_path_buf(), 16, 5).expect("open");
+        let k = key_hash("t", "k");
+        let items: Vec<_> = (0..12u64).map(|i| (k, i * 100, 1000 + i as i64)).collect();
+        idx.add(&items, 1200).expect("add");
+        drop(idx);
+        let (idx, from) = Index::open(vfs, dir.path().to_path_buf(), 16, 5).expect("reopen");
+        assert_eq!(
+            from, 1000,
+            "indexed up to the end of the second sealed file"
+        );
+        assert_eq!(
+            idx.lookup(k, 0, i64::MAX, 100).expect("lookup"),
+            vec![900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+        );
     }
 
     #[test]
