@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
-//!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R]
+//!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R] [--tick-us N]
 //!     [--connections N] [--workers N] [--client tonic|h2] [--sign ACCESS_KEY:SECRET_KEY]
 //!     [--serve ADDR | --target ADDR [--server-pid PID]]
 //! ```
@@ -92,6 +92,11 @@ fn args() -> anyhow::Result<Args> {
             "--flush" => a.flush = Some(v),
             "--only" => a.only = Some(v),
             "--rate" => a.rate = Some(v.parse()?),
+            "--tick-us" => {
+                let t: u64 = v.parse()?;
+                anyhow::ensure!((10..=1_000_000).contains(&t), "--tick-us: 10 to 1000000");
+                let _ = TICK_US.set(t);
+            }
             "--serve" => a.serve = Some(v),
             "--target" => a.target = Some(v),
             "--server-pid" => a.server_pid = Some(v.parse()?),
@@ -344,8 +349,18 @@ fn own_cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Open-loop arrivals: every 1 ms tick releases the sends the rate has made due since the
-/// last one (9 per tick at 9000/s), and each send's latency counts from its tick. Waking
+/// Pacing tick in µs (`--tick-us`, 250 unless told).
+static TICK_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn tick() -> Duration {
+    Duration::from_micros(*TICK_US.get().unwrap_or(&250))
+}
+
+/// Open-loop arrivals: every tick (250 µs unless `--tick-us` says otherwise) releases the
+/// sends the rate has made due since the last one (7 or 8 per tick at 30,000/s), and each
+/// send's latency counts from its tick. With 1 ms ticks the sends of a millisecond left
+/// together (30 at once at 30,000/s), a burst every client population spread over time
+/// does not make, and the last of each burst waited for the 29 before it on both sides. Waking
 /// the senders once per tick rather than once per send keeps the generator's own CPU (and
 /// the scheduling noise it adds on a 2-core machine) down; the ticks come from a thread
 /// that sleeps with the OS timer, since tokio timers round up to whole milliseconds.
@@ -357,8 +372,9 @@ fn pacer(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut released = 0u64;
-        for tick in 1u64.. {
-            let at = start + Duration::from_millis(tick);
+        let t = tick();
+        for k in 1u32.. {
+            let at = start + t * k;
             if at >= end {
                 sem.close();
                 return;
@@ -367,17 +383,18 @@ fn pacer(
             if at > now {
                 std::thread::sleep(at - now);
             }
-            let due = (tick as f64 * rate / 1000.0) as u64;
+            let due = (f64::from(k) * t.as_secs_f64() * rate) as u64;
             sem.add_permits((due - released) as usize);
             released = due;
         }
     })
 }
 
-/// When paced request `slot` (0-based) is due: the first 1 ms tick by which the rate has
+/// When paced request `slot` (0-based) is due: the first tick by which the rate has
 /// released it (see `pacer`).
 fn slot_due(start: Instant, slot: u64, rate: f64) -> Instant {
-    start + Duration::from_millis(((slot + 1) as f64 * 1000.0 / rate).ceil() as u64)
+    let t = tick();
+    start + t * ((slot + 1) as f64 / (rate * t.as_secs_f64())).ceil() as u32
 }
 
 /// Sends for `secs` with `inflight` concurrent requests of `batch` messages each. With
