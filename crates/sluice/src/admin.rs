@@ -52,6 +52,8 @@ pub struct Admin {
     base: Url,
     http: reqwest::Client,
     json: bool,
+    /// `--namespace`: lists show only its topics and groups (empty: all).
+    namespace: String,
 }
 
 /// What an admin subcommand prints on success.
@@ -73,7 +75,52 @@ impl Admin {
             bail!("--admin {base} cannot take a path");
         }
         let http = http_client(std::time::Duration::from_secs(60), token)?;
-        Ok(Admin { base, http, json })
+        Ok(Admin {
+            base,
+            http,
+            json,
+            namespace: String::new(),
+        })
+    }
+
+    /// Lists show only the topics and groups of namespace `ns` (checked by the caller).
+    pub fn in_namespace(mut self, ns: &str) -> Admin {
+        self.namespace = ns.to_owned();
+        self
+    }
+
+    /// Whether a broker name belongs to the namespace of the lists (always without one).
+    fn listed(&self, full: &str) -> bool {
+        self.namespace.is_empty()
+            || sluice_proxy::namespace::client_name(&self.namespace, full) != full
+    }
+
+    /// [`Admin::run`] for a list: filtered to the namespace, in both output forms.
+    async fn list<T: DeserializeOwned + Serialize>(
+        &self,
+        segments: &[&str],
+        keep: impl FnOnce(&mut T, &dyn Fn(&str) -> bool),
+        human: impl FnOnce(T),
+    ) -> Result<()> {
+        if let Reply::Json(mut typed, raw) = self
+            .call::<T>(Method::GET, segments, &[], None::<&()>)
+            .await?
+        {
+            if self.namespace.is_empty() {
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&raw)?);
+                    return Ok(());
+                }
+            } else {
+                keep(&mut typed, &|n| self.listed(n));
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&typed)?);
+                    return Ok(());
+                }
+            }
+            human(typed);
+        }
+        Ok(())
     }
 
     /// The URL of `segments` below the base, each segment percent-encoded.
@@ -198,11 +245,9 @@ impl Admin {
     }
 
     pub async fn topic_list(&self) -> Result<()> {
-        self.run(
-            Method::GET,
+        self.list(
             &["api", "v1", "topics"],
-            &[],
-            None::<&()>,
+            |l: &mut TopicList, keep| l.topics.retain(|t| keep(&t.name)),
             |l: TopicList| {
                 if l.topics.is_empty() {
                     println!("No topics.");
@@ -300,11 +345,9 @@ impl Admin {
     }
 
     pub async fn group_list(&self) -> Result<()> {
-        self.run(
-            Method::GET,
+        self.list(
             &["api", "v1", "groups"],
-            &[],
-            None::<&()>,
+            |l: &mut GroupList, keep| l.groups.retain(|g| keep(&g.name)),
             |l: GroupList| {
                 if l.groups.is_empty() {
                     println!("No consumer groups.");

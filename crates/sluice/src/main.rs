@@ -57,7 +57,8 @@ struct Cli {
     /// gRPC endpoint used by send, consume and bench [default: 127.0.0.1:8081].
     #[arg(long, global = true, env = "SLUICE_ENDPOINT", value_name = "HOST:PORT")]
     endpoint: Option<String>,
-    /// Namespace of send, consume and bench (topic `t` means `NAMESPACE%t`).
+    /// Namespace of the topics and groups named (`t` means `NAMESPACE%t`); lists show only
+    /// the namespace's.
     #[arg(
         long,
         global = true,
@@ -353,6 +354,7 @@ fn main() -> ExitCode {
                 url,
                 cli.admin_token.as_deref(),
                 cli.json,
+                cli.namespace.as_deref().unwrap_or_default(),
                 command,
             )) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -445,30 +447,34 @@ async fn admin_command(
     url: &str,
     token: Option<&str>,
     json: bool,
+    namespace: &str,
     command: AdminCommand,
 ) -> anyhow::Result<()> {
-    let a = Admin::new(url, json, token)?;
+    sluice_proxy::namespace::check(namespace).map_err(|e| anyhow::anyhow!("--namespace: {e}"))?;
+    let a = Admin::new(url, json, token)?.in_namespace(namespace);
+    // Names on the command line are the namespace's (`orders` is `NAMESPACE%orders`).
+    let ns = |name: String| sluice_proxy::namespace::wrap(namespace, &name);
     match command {
         AdminCommand::Status => a.status().await,
         AdminCommand::Topic(c) => match c {
             TopicCommand::Create { name, kind, queues } => {
                 a.topic_create(CreateTopic {
-                    name,
+                    name: ns(name),
                     message_type: kind.into(),
                     queues: queues.unwrap_or(sluice_admin::api::DEFAULT_QUEUES),
                 })
                 .await
             }
             TopicCommand::List => a.topic_list().await,
-            TopicCommand::Describe { name } => a.topic_describe(&name).await,
+            TopicCommand::Describe { name } => a.topic_describe(&ns(name)).await,
             TopicCommand::Update { name, kind, queues } => {
                 let req = UpdateTopic {
                     message_type: kind.map(Into::into),
                     queues,
                 };
-                a.topic_update(&name, req).await
+                a.topic_update(&ns(name), req).await
             }
-            TopicCommand::Delete { name } => a.topic_delete(&name).await,
+            TopicCommand::Delete { name } => a.topic_delete(&ns(name)).await,
         },
         AdminCommand::Group(c) => match c {
             GroupCommand::Create {
@@ -478,7 +484,7 @@ async fn admin_command(
                 start,
             } => {
                 a.group_create(CreateGroup {
-                    name,
+                    name: ns(name),
                     fifo,
                     max_attempts,
                     backoff: None,
@@ -487,7 +493,7 @@ async fn admin_command(
                 .await
             }
             GroupCommand::List => a.group_list().await,
-            GroupCommand::Describe { name } => a.group_describe(&name).await,
+            GroupCommand::Describe { name } => a.group_describe(&ns(name)).await,
             GroupCommand::Update {
                 name,
                 fifo,
@@ -500,18 +506,18 @@ async fn admin_command(
                     backoff: None,
                     start,
                 };
-                a.group_update(&name, req).await
+                a.group_update(&ns(name), req).await
             }
-            GroupCommand::Delete { name } => a.group_delete(&name).await,
+            GroupCommand::Delete { name } => a.group_delete(&ns(name)).await,
             GroupCommand::ResetOffset { name, topic, to } => {
                 let req = ResetOffset {
-                    topic,
+                    topic: ns(topic),
                     timestamp_ms: to,
                 };
-                a.group_reset_offset(&name, req).await
+                a.group_reset_offset(&ns(name), req).await
             }
             GroupCommand::ResendDeadLetters { name, max } => {
-                a.group_resend_dead_letters(&name, ResendDeadLetters { max })
+                a.group_resend_dead_letters(&ns(name), ResendDeadLetters { max })
                     .await
             }
         },
@@ -536,7 +542,7 @@ async fn admin_command(
                     max,
                     preview_bytes,
                 };
-                a.message_list(&topic, q).await
+                a.message_list(&ns(topic), q).await
             }
         },
     }

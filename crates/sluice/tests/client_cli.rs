@@ -239,6 +239,56 @@ fn client_commands_sign_requests_and_take_a_namespace() {
         let o = sluice_env(&s, args, &admin);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    // Admin commands take the namespace too: names are the namespace's, lists show only
+    // its topics and groups.
+    for args in [
+        &[
+            "--namespace",
+            "prod",
+            "topic",
+            "create",
+            "payments",
+            "--type",
+            "normal",
+        ][..],
+        &["topic", "create", "outside", "--type", "normal"][..],
+    ] {
+        let o = sluice_env(&s, args, &admin);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&sluice_env(
+        &s,
+        &["--json", "--namespace", "prod", "topic", "list"],
+        &admin,
+    )))
+    .expect("json");
+    let mut names: Vec<&str> = listed["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["prod%orders", "prod%payments"]);
+    let all = stdout(&sluice_env(&s, &["topic", "list"], &admin));
+    assert!(
+        all.contains("outside") && all.contains("prod%payments"),
+        "{all}"
+    );
+    let described = sluice_env(
+        &s,
+        &["--namespace", "prod", "group", "describe", "billing"],
+        &admin,
+    );
+    assert!(
+        described.status.success(),
+        "{}",
+        String::from_utf8_lossy(&described.stderr)
+    );
+    let bad = sluice_env(&s, &["--namespace", "a b", "topic", "list"], &admin);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--namespace"));
+
     let creds = [
         ("SLUICE_ACCESS_KEY", "cli"),
         ("SLUICE_SECRET_KEY", "cli-secret"),
