@@ -66,6 +66,12 @@ struct Args {
     sign: Option<(String, String)>,
 }
 
+const USAGE: &str = "grpc_bench [--seconds N] [--dir PATH] [--flush async|sync]
+    [--only one|many|batched|paced|receive] [--rate R] [--tick-us N]
+    [--connections N] [--workers N] [--client tonic|h2] [--sign ACCESS_KEY:SECRET_KEY]
+    [--serve ADDR | --target ADDR [--server-pid PID]]
+(see the header of crates/sluice-proxy/examples/grpc_bench.rs and docs/benchmarks.md)";
+
 fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         seconds: 5.0,
@@ -83,9 +89,13 @@ fn args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--help" || k == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let v = it
             .next()
-            .ok_or_else(|| anyhow::anyhow!("{k} needs a value"))?;
+            .ok_or_else(|| anyhow::anyhow!("{k} needs a value (--help for usage)"))?;
         match k.as_str() {
             "--seconds" => a.seconds = v.parse()?,
             "--dir" => a.dir = v.into(),
@@ -109,7 +119,7 @@ fn args() -> anyhow::Result<Args> {
                     .ok_or_else(|| anyhow::anyhow!("--sign needs ACCESS_KEY:SECRET_KEY"))?;
                 a.sign = Some((k.to_owned(), s.to_owned()));
             }
-            _ => anyhow::bail!("unknown argument {k}"),
+            _ => anyhow::bail!("unknown argument {k} (--help for usage)"),
         }
     }
     Ok(a)

@@ -70,7 +70,15 @@ fn parse_args() -> anyhow::Result<Args> {
             "--zero-ahead" => {
                 let _ = ZERO_AHEAD.set(v()?.parse()?);
             }
-            other => anyhow::bail!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!(
+                    "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
+                     [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--zero-ahead BYTES]\n\
+                     (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
+                );
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other} (--help for usage)"),
         }
     }
     Ok(a)
