@@ -98,6 +98,7 @@ fn usage(msg: &str) -> ! {
          rmq-rust-client fifo-consume --endpoint H:P --topic T --group G --name NAME --events FILE --stop-file F\n      \
          [--invisible S] [--batch N] [--work-ms MS] [--retry-group MG --retry-seq N] [--long-polling S]\n  \
          rmq-rust-client fifo-no-group --endpoint H:P --topic T\n\
+         every subcommand takes --access-key K --secret-key S to sign its requests\n\
          endpoint/topic/group default to env SLUICE_ENDPOINT / SLUICE_TOPIC / SLUICE_GROUP"
     );
     exit(2)
@@ -187,9 +188,17 @@ async fn start_consumer(
     Ok(consumer)
 }
 
+/// `--access-key` / `--secret-key`: every request is signed with them (for a server with an
+/// ACL).
+static CREDENTIALS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
 fn client_option(endpoint: &str, request_timeout: u64, long_polling: Option<u64>) -> ClientOption {
     let mut o = ClientOption::default();
     o.set_access_url(endpoint);
+    if let Some((key, secret)) = CREDENTIALS.get() {
+        o.set_access_key(key.as_str());
+        o.set_secret_key(secret.as_str());
+    }
     o.set_enable_tls(false);
     o.set_timeout(Duration::from_secs(request_timeout));
     if let Some(lp) = long_polling {
@@ -485,6 +494,13 @@ async fn receive(args: &Args) -> (Value, bool) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    match (args.get("access-key", None), args.get("secret-key", None)) {
+        (Some(k), Some(s)) => {
+            let _ = CREDENTIALS.set((k, s));
+        }
+        (None, None) => {}
+        _ => usage("--access-key and --secret-key go together"),
+    }
     let timeout = Duration::from_secs(args.num("timeout", 120));
     let work = async {
         match args.cmd.as_str() {
