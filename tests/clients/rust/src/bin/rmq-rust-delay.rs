@@ -27,7 +27,9 @@ fn log(msg: &str) {
 
 fn usage(msg: &str) -> ! {
     eprintln!("error: {msg}");
-    eprintln!("usage: rmq-rust-delay --endpoint H:P --topic T [--count N] [--delay S] [--timeout S]");
+    eprintln!(
+        "usage: rmq-rust-delay --endpoint H:P --topic T [--count N] [--delay S] [--timeout S]"
+    );
     exit(2)
 }
 
@@ -62,7 +64,10 @@ fn message_spec(run_id: &str, index: usize) -> Value {
 }
 
 async fn run(endpoint: String, topic: String, count: usize, delay: i64) -> (Value, bool) {
-    let run_id = format!("{:012x}", (now_s() as u64 ^ ((std::process::id() as u64) << 24)));
+    let run_id = format!(
+        "{:012x}",
+        (now_s() as u64 ^ ((std::process::id() as u64) << 24))
+    );
     let fail = |what: &str, e: &dyn std::fmt::Debug| {
         (
             json!({"client": LANG, "ok": false, "errors": [format!("{what}: {}", err_text(&e))]}),
@@ -97,9 +102,17 @@ async fn run(endpoint: String, topic: String, count: usize, delay: i64) -> (Valu
             .unwrap_or_default();
         let keys: Vec<String> = spec["keys"]
             .as_array()
-            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
-        let body = spec["body"].as_str().unwrap_or_default().as_bytes().to_vec();
+        let body = spec["body"]
+            .as_str()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec();
         let message = MessageBuilder::delay_message_builder(topic.clone(), body, at)
             .set_tag("delay".to_string())
             .set_keys(keys)
@@ -154,11 +167,19 @@ async fn main() {
     };
     let num = |k: &str, d: u64| {
         opts.get(k)
-            .map(|v| v.parse().unwrap_or_else(|_| usage(&format!("--{k}: not a number"))))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| usage(&format!("--{k}: not a number")))
+            })
             .unwrap_or(d)
     };
     let timeout = Duration::from_secs(num("timeout", 60));
-    let work = run(get("endpoint"), get("topic"), num("count", 3) as usize, num("delay", 5) as i64);
+    let work = run(
+        get("endpoint"),
+        get("topic"),
+        num("count", 3) as usize,
+        num("delay", 5) as i64,
+    );
     let (report, ok) = match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => (
