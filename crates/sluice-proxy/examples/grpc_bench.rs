@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p sluice-proxy --example grpc_bench -- [--seconds N] [--dir PATH]
 //!     [--flush async|sync] [--only one|many|batched|paced|receive] [--rate R] [--tick-us N]
-//!     [--connections N] [--workers N] [--client tonic|h2] [--sign ACCESS_KEY:SECRET_KEY]
+//!     [--connections N] [--workers N] [--client tonic|h2|raw] [--sign ACCESS_KEY:SECRET_KEY]
 //!     [--serve ADDR | --target ADDR [--server-pid PID]]
 //! ```
 //!
@@ -34,6 +34,9 @@ use sluice_proto::v2::{self, receive_message_response::Content};
 use sluice_store::{AppendMessage, FlushPolicy, Store, StoreConfig};
 use tonic::transport::Channel;
 
+#[path = "grpc_bench_support/raw.rs"]
+mod raw;
+
 /// The same allocator as the `sluice` binary: glibc's malloc showed up as ≈ 20% of the
 /// CPU of this benchmark (arena lock contention between the runtime workers).
 #[global_allocator]
@@ -60,7 +63,8 @@ struct Args {
     server_pid: Option<u32>,
     /// Runtime worker threads of this process (2 unless told).
     workers: usize,
-    /// Load-generating client for the sends: `tonic` or `h2` (see `RawH2`).
+    /// Load-generating client for the sends: `tonic`, `h2` (see `RawH2`) or `raw` (see
+    /// `raw`; unbatched sends only, batches then go through `h2`).
     client: String,
     /// `--sign AK:SK`: the h2 client signs every send (for a server with an ACL).
     sign: Option<(String, String)>,
@@ -68,7 +72,7 @@ struct Args {
 
 const USAGE: &str = "grpc_bench [--seconds N] [--dir PATH] [--flush async|sync]
     [--only one|many|batched|paced|receive] [--rate R] [--tick-us N]
-    [--connections N] [--workers N] [--client tonic|h2] [--sign ACCESS_KEY:SECRET_KEY]
+    [--connections N] [--workers N] [--client tonic|h2|raw] [--sign ACCESS_KEY:SECRET_KEY]
     [--serve ADDR | --target ADDR [--server-pid PID]]
 (see the header of crates/sluice-proxy/examples/grpc_bench.rs and docs/benchmarks.md)";
 
@@ -112,7 +116,7 @@ fn args() -> anyhow::Result<Args> {
             "--server-pid" => a.server_pid = Some(v.parse()?),
             "--workers" => a.workers = v.parse::<usize>()?.max(1),
             "--connections" => a.connections = v.parse::<usize>()?.max(1),
-            "--client" if v == "tonic" || v == "h2" => a.client = v,
+            "--client" if v == "tonic" || v == "h2" || v == "raw" => a.client = v,
             "--sign" => {
                 let (k, s) = v
                     .split_once(':')
@@ -480,6 +484,55 @@ async fn send_load(
     let wall = start.elapsed().as_secs_f64();
     Ok(Result_ {
         msgs_per_s: sent.load(Ordering::Relaxed) as f64 / wall,
+        hist,
+        cpu_busy: (cpu_time() - cpu0).as_secs_f64() / wall / 2.0,
+        stolen: stolen_since(steal0),
+    })
+}
+
+/// [`send_load`] of unbatched sends with `--client raw`: a blocking thread per connection
+/// (at most `inflight` of them), the in-flight calls and the rate shared among them.
+fn raw_load(
+    addr: std::net::SocketAddr,
+    connections: usize,
+    secs: f64,
+    inflight: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Result_> {
+    let conns = connections.min(inflight).max(1);
+    let cpu0 = cpu_time();
+    let steal0 = steal_ticks();
+    let start = Instant::now();
+    let threads: Vec<_> = (0..conns)
+        .map(|i| {
+            let share = inflight / conns + usize::from(i < inflight % conns);
+            let pace = match rate {
+                Some(r) => raw::Pace::Open {
+                    rate: r * share as f64 / inflight as f64,
+                    tick: tick(),
+                },
+                None => raw::Pace::Closed,
+            };
+            let first = SEQ.fetch_add(1 << 40, Ordering::Relaxed);
+            std::thread::spawn(move || raw::run(addr, secs, share, pace, first))
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new(3)?;
+    let (mut calls, mut failures) = (0, 0);
+    for t in threads {
+        let o = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a raw client thread panicked"))??;
+        calls += o.calls;
+        failures += o.failures;
+        hist.add(o.hist)?;
+    }
+    if failures > 0 {
+        eprintln!("{failures} raw sends failed");
+    }
+    let wall = start.elapsed().as_secs_f64();
+    Ok(Result_ {
+        msgs_per_s: calls as f64 / wall,
         hist,
         cpu_busy: (cpu_time() - cpu0).as_secs_f64() / wall / 2.0,
         stolen: stolen_since(steal0),
@@ -901,12 +954,27 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         let mut clients = Vec::new();
         for c in &tonic_clients {
             clients.push(match a.client.as_str() {
-                "h2" => Sender::H2(RawH2::connect(addr, a.sign.clone().map(Arc::new)).await?),
+                "h2" | "raw" => {
+                    Sender::H2(RawH2::connect(addr, a.sign.clone().map(Arc::new)).await?)
+                }
                 _ => Sender::Tonic(c.clone()),
             });
         }
+        let raw = a.client == "raw";
+        let (conns, secs) = (a.connections, a.seconds);
+        let unbatched = |inflight: usize, rate: Option<f64>| {
+            let clients = clients.clone();
+            async move {
+                if raw {
+                    tokio::task::spawn_blocking(move || raw_load(addr, conns, secs, inflight, rate))
+                        .await?
+                } else {
+                    send_load(&clients, secs, inflight, 1, rate).await
+                }
+            }
+        };
         if want("one") {
-            let one = send_load(&clients, a.seconds, 1, 1, None).await?;
+            let one = unbatched(1, None).await?;
             println!(
                 "| {fname} | send, 1 in flight | {:.0} | {:.0}% | {} | {} |",
                 one.msgs_per_s,
@@ -915,7 +983,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                 cpu(&one, 1)
             );
         }
-        let many = send_load(&clients, a.seconds, 64, 1, None).await?;
+        let many = unbatched(64, None).await?;
         println!(
             "| {fname} | send, 64 in flight | {:.0} | {:.0}% | {} | {} |",
             many.msgs_per_s,
@@ -955,7 +1023,7 @@ async fn bench(a: Args) -> anyhow::Result<()> {
                 echo.0,
                 lat(&echo.1),
             );
-            let paced = send_load(&clients, a.seconds, 64, 1, Some(half)).await?;
+            let paced = unbatched(64, Some(half)).await?;
             println!(
                 "| {fname} | send at {:.0}/s (half of max), 64 in flight | {:.0} | {:.0}% | {} from intended send time | {} |",
                 half,
