@@ -508,7 +508,7 @@ async fn credentials_sign_every_request_for_an_access_point_with_an_acl() -> any
          publish = [\"t\"]\nsubscribe = [\"t\"]\ngroups = [\"g\"]\n",
     )?;
     let proxy = sluice_proxy::ProxyConfig {
-        acl: Some(Arc::new(acl)),
+        acl: Some(Arc::new(sluice_proxy::auth::SharedAcl::new(acl))),
         ..Default::default()
     };
     let s = start_on_with(tokio::net::TcpListener::bind("127.0.0.1:0").await?, proxy).await?;
