@@ -12,7 +12,9 @@
 //! throughput for 1 KiB messages with 64 appends in flight (median of three runs, on a
 //! runtime with one worker per core), then drives a gRPC server with generated tonic
 //! clients (or, with `--client h2`, gRPC calls made with the `h2` crate directly, which
-//! leaves more of the 2 cores to the server; receive always uses tonic): unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
+//! leaves more of the 2 cores to the server; with `--client raw`, unbatched calls written
+//! as HTTP/2 frames by hand, see `grpc_bench_support/raw.rs`; receive always uses tonic):
+//! unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
 //! request), an open-loop run at half the unbatched maximum (latency measured from the
 //! intended send time) and receive + ack throughput.
 //!
