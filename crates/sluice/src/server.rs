@@ -50,7 +50,11 @@ async fn watch_acl(
     loop {
         let signalled = tokio::select! {
             _ = &mut stop => return,
-            _ = hup.recv() => true,
+            // `None`: the signal driver is gone (the runtime is shutting down).
+            r = hup.recv() => match r {
+                Some(()) => true,
+                None => return,
+            },
             _ = tick.tick() => false,
         };
         let now = stamp(&path);
@@ -80,7 +84,10 @@ async fn ignore_hup(mut hup: Signal, stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            _ = hup.recv() => tracing::info!("SIGHUP: no ACL file to reload ([proxy] acl_file)"),
+            r = hup.recv() => match r {
+                Some(()) => tracing::info!("SIGHUP: no ACL file to reload ([proxy] acl_file)"),
+                None => return,
+            },
         }
     }
 }
