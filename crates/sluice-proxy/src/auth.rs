@@ -157,9 +157,19 @@ impl SharedAcl {
         }
     }
 
-    /// The ACL to check one request against.
+    /// The ACL in force now (a snapshot: a later `replace` does not change it).
     pub fn current(&self) -> Arc<Acl> {
         self.current.read().clone()
+    }
+
+    /// [`Acl::authenticate`] against the ACL in force, without taking a reference to it
+    /// (the per-request path: no reference count shared by every connection to touch).
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        date_time: Option<&[u8]>,
+    ) -> Result<Arc<User>, AuthError> {
+        self.current.read().authenticate(authorization, date_time)
     }
 
     /// Puts `acl` in force for every request that starts from now on.

@@ -97,7 +97,7 @@ fn ctx<T>(req: &Request<T>, acl: Option<&SharedAcl>) -> Ctx {
     let md = req.metadata();
     let auth = match acl {
         None => Auth::Off,
-        Some(acl) => match acl.current().authenticate(
+        Some(acl) => match acl.authenticate(
             md.get("authorization").map(|v| v.as_bytes()),
             md.get("x-mq-date-time").map(|v| v.as_bytes()),
         ) {
