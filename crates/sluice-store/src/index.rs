@@ -393,7 +393,10 @@ impl Index {
             }
             // Entries added from here on mark the file dirty again.
             a.dirty = false;
-            let img = self.image(&a, false);
+            // A file filled to the last entry is full on disk too, and a full newest file
+            // is opened as sealed: its slots must be there, as a seal would write them.
+            let full = a.entries.len() as u32 >= self.max_entries;
+            let img = self.image(&a, full);
             // Taken before `active` is let go (never waits: only holders of `active` take
             // it), so a seal cannot come between this copy and its write and then have its
             // header overwritten by this older one.
@@ -535,6 +538,26 @@ mod tests {
         assert_eq!(
             idx.lookup(k, 0, i64::MAX, 100).expect("lookup"),
             vec![900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+        );
+    }
+
+    #[test]
+    fn a_file_checkpointed_exactly_full_keeps_its_slots() {
+        // Filled to the last entry and checkpointed before the next add would seal it: on
+        // reopen it is the newest file and full, so it is opened as sealed and read from disk.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vfs: Arc<dyn Vfs> = Arc::new(StdFs);
+        let (idx, _) = Index::open(vfs.clone(), dir.path().to_path_buf(), 16, 5).expect("open");
+        let k = key_hash("t", "k");
+        let items: Vec<_> = (0..5u64).map(|i| (k, i * 100, 1000 + i as i64)).collect();
+        idx.add(&items, 500).expect("add");
+        idx.persist().expect("persist");
+        drop(idx);
+        let (idx, from) = Index::open(vfs, dir.path().to_path_buf(), 16, 5).expect("reopen");
+        assert_eq!(from, 500);
+        assert_eq!(
+            idx.lookup(k, 0, i64::MAX, 100).expect("lookup"),
+            vec![400, 300, 200, 100, 0]
         );
     }
 
