@@ -162,6 +162,20 @@ impl Setting for u32 {
     }
 }
 
+impl Setting for bool {
+    fn parse(v: &toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::Boolean(b) => Ok(*b),
+            toml::Value::String(s) if s.trim() == "true" => Ok(true),
+            toml::Value::String(s) if s.trim() == "false" => Ok(false),
+            _ => Err(format!("expected true or false, found {v}")),
+        }
+    }
+    fn render(&self) -> toml::Value {
+        toml::Value::Boolean(*self)
+    }
+}
+
 impl Setting for ByteSize {
     fn parse(v: &toml::Value) -> Result<Self, String> {
         match v {
@@ -310,6 +324,9 @@ section! {
         admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)),
         /// Threads that run network and broker work; 0 means one per CPU core.
         worker_threads: u32 = 0,
+        /// Transparent huge pages for the server's memory; off by default (their faults and
+        /// the compaction behind them stalled the runtime for 10–30 ms at a time).
+        transparent_huge_pages: bool = false,
         /// Bearer token the admin API's `/api/` requests must carry; `off`: none.
         admin_token: Option<String> = None,
     }

@@ -302,6 +302,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e, 2),
             };
             init_logging();
+            server::set_transparent_huge_pages(cfg.server.transparent_huge_pages);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if cfg.server.worker_threads > 0 {
                 builder.worker_threads(cfg.server.worker_threads as usize);

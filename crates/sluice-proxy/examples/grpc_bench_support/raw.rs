@@ -37,6 +37,8 @@ const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 /// Our receive windows (connection and streams): opened to this at the start.
 const OUR_WINDOW: u32 = 1 << 30;
+/// How long each connection runs closed-loop, uncounted, before its measured run.
+const WARMUP: Duration = Duration::from_millis(300);
 /// The placeholder message id patched per call (same length as every real one).
 const ID_PLACEHOLDER: &[u8] = b"R00000000000000000000";
 
@@ -170,6 +172,28 @@ impl Template {
     }
 }
 
+/// The barrier every connection of a run passes after its warm-up; a thread that fails
+/// before then still passes it (on drop), so the others and the caller are not left
+/// waiting.
+struct Gate<'a> {
+    barrier: &'a std::sync::Barrier,
+    passed: bool,
+}
+
+impl Gate<'_> {
+    fn pass(&mut self) {
+        if !std::mem::replace(&mut self.passed, true) {
+            self.barrier.wait();
+        }
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        self.pass();
+    }
+}
+
 /// A call in flight: when it counts from, and what of its answer has arrived.
 struct Open {
     from: Instant,
@@ -221,14 +245,20 @@ fn wait_readable(s: &TcpStream, until: Option<Instant>) -> std::io::Result<bool>
 }
 
 /// Runs one connection for `secs` with at most `inflight` calls open; `first_seq` keeps the
-/// message ids of the threads apart.
+/// message ids of the threads apart. After its warm-up the thread waits at `warmed` (with
+/// the other connections of the run and the caller) before it starts measuring.
 pub fn run(
     addr: SocketAddr,
     secs: f64,
     inflight: usize,
     pace: Pace,
     first_seq: u64,
+    warmed: &std::sync::Barrier,
 ) -> anyhow::Result<Outcome> {
+    let mut gate = Gate {
+        barrier: warmed,
+        passed: false,
+    };
     let t = Template::new(addr)?;
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
@@ -253,8 +283,11 @@ pub fn run(
     let mut unacked_rx = 0u32; // DATA bytes received since our last WINDOW_UPDATE
     let mut buf = vec![0u8; 256 << 10];
     let (mut have, mut at) = (0usize, 0usize);
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(secs);
+    // A closed-loop warm-up first (its calls are not counted), so the measured run starts
+    // on a connection whose windows, server-side state and caches are settled.
+    let mut warming = true;
+    let mut start = Instant::now();
+    let mut end = start + WARMUP;
     // Open loop: calls released so far, and the tick of each still waiting to start.
     let mut released = 0u64;
     let mut waiting: std::collections::VecDeque<Instant> = Default::default();
@@ -267,7 +300,7 @@ pub fn run(
         }
         // Start what may start.
         if running {
-            if let Pace::Open { rate, tick } = pace {
+            if let (false, Pace::Open { rate, tick }) = (warming, pace) {
                 while start + tick * (tick_no + 1) <= now {
                     tick_no += 1;
                     let due = (f64::from(tick_no) * tick.as_secs_f64() * rate) as u64;
@@ -279,6 +312,7 @@ pub fn run(
             }
             while open.len() < inflight && send_window >= t.body.len() as i64 {
                 let from = match pace {
+                    _ if warming => now,
                     Pace::Closed => now,
                     Pace::Open { .. } => match waiting.pop_front() {
                         Some(f) => f,
@@ -303,11 +337,22 @@ pub fn run(
             out.clear();
         }
         if !running && open.is_empty() {
-            break;
+            if !warming {
+                break;
+            }
+            warming = false;
+            running = true;
+            // Every connection of the run starts measuring at the same moment.
+            gate.pass();
+            start = Instant::now();
+            end = start + Duration::from_secs_f64(secs);
+            (calls, failures, released, tick_no) = (0, 0, 0, 0);
+            hist.reset();
+            continue;
         }
         // Read what has arrived (waiting at most until the next tick when pacing).
         let until = match pace {
-            Pace::Open { tick, .. } if running => Some(start + tick * (tick_no + 1)),
+            Pace::Open { tick, .. } if running && !warming => Some(start + tick * (tick_no + 1)),
             _ => Some(end.max(now) + Duration::from_secs(10)),
         };
         if !wait_readable(&s, until)? {
