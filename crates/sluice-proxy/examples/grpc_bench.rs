@@ -16,7 +16,10 @@
 //! as HTTP/2 frames by hand, see `grpc_bench_support/raw.rs`; receive always uses tonic):
 //! unbatched sends with 1 and 64 in flight, batched sends (100 × 1 KiB per
 //! request), an open-loop run at half the unbatched maximum (latency measured from the
-//! intended send time) and receive + ack throughput.
+//! intended send time) and receive + ack throughput. `--rate R` sets the open-loop rate
+//! instead; with `--only paced` too, the saturated run is then skipped. Each `--client raw`
+//! connection warms up closed-loop for 300 ms (not counted) before it measures. The process
+//! runs without transparent huge pages, as `sluice server` does by default.
 //!
 //! The server is, by default, store + broker + gRPC in this process on 127.0.0.1. With
 //! `--serve ADDR` the process is only that server, until killed; with `--target ADDR` the

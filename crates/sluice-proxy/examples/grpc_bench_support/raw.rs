@@ -11,6 +11,9 @@
 //! control is honoured both ways: the connection send window from the server's
 //! WINDOW_UPDATEs, and ours opened wide at the start and topped up as answers arrive.
 //!
+//! Every connection first runs closed-loop for `WARMUP` without counting, and the
+//! connections of a run then start measuring together.
+//!
 //! Each thread writes every request it may start in one `write` and reads whatever has
 //! arrived in one `read`, so a call costs the generator little more than its share of two
 //! system calls.
