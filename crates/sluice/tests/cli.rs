@@ -267,3 +267,50 @@ fn config_show_and_strict_errors() {
         "{err}"
     );
 }
+
+/// `[server] transparent_huge_pages`: the server process runs without them unless the
+/// setting says `true` (Linux reports the process's flag as `THP_enabled` in
+/// `/proc/PID/status`).
+#[cfg(target_os = "linux")]
+#[test]
+fn transparent_huge_pages_are_off_unless_configured() {
+    for (setting, want) in [(None, "0"), (Some("true"), "1"), (Some("false"), "0")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (grpc_port, admin_port) = (free_port(), free_port());
+        let log = dir.path().join("server.log");
+        let mut cmd = common::server_command(
+            &[],
+            &dir.path().join("data"),
+            grpc_port,
+            admin_port,
+            File::create(&log).expect("log file"),
+        );
+        cmd.env_remove("SLUICE_ADMIN")
+            .env_remove("SLUICE_TRANSPARENT_HUGE_PAGES");
+        if let Some(v) = setting {
+            cmd.env("SLUICE_TRANSPARENT_HUGE_PAGES", v);
+        }
+        let mut child = cmd.spawn().expect("spawn server");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_status(admin_port, "/readyz") != Some(200) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "server exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "server not ready in time");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .expect("read /proc status");
+        let _ = child.kill();
+        let _ = child.wait();
+        let got = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(str::trim)
+            .expect("the kernel reports THP_enabled");
+        assert_eq!(got, want, "transparent_huge_pages = {setting:?}");
+    }
+}
