@@ -18,11 +18,18 @@ struct Server {
 
 impl Server {
     fn start(data: &Path, log: &Path) -> Server {
+        Server::start_with_env(data, log, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables for the server.
+    fn start_with_env(data: &Path, log: &Path, env: &[(&str, &str)]) -> Server {
         let (grpc_port, admin_port) = (free_port(), free_port());
         let log_file = File::create(log).expect("log file");
         let child = common::server_command(&[], data, grpc_port, admin_port, log_file)
             .env("RUST_LOG", "info")
             .env_remove("SLUICE_ADMIN")
+            .env_remove("SLUICE_TRANSPARENT_HUGE_PAGES")
+            .envs(env.iter().copied())
             .spawn()
             .expect("spawn server");
         let mut s = Server {
@@ -276,36 +283,18 @@ fn config_show_and_strict_errors() {
 fn transparent_huge_pages_are_off_unless_configured() {
     for (setting, want) in [(None, "0"), (Some("true"), "1"), (Some("false"), "0")] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (grpc_port, admin_port) = (free_port(), free_port());
-        let log = dir.path().join("server.log");
-        let mut cmd = common::server_command(
-            &[],
+        let env: Vec<(&str, &str)> = setting
+            .map(|v| ("SLUICE_TRANSPARENT_HUGE_PAGES", v))
+            .into_iter()
+            .collect();
+        let server = Server::start_with_env(
             &dir.path().join("data"),
-            grpc_port,
-            admin_port,
-            File::create(&log).expect("log file"),
+            &dir.path().join("server.log"),
+            &env,
         );
-        cmd.env_remove("SLUICE_ADMIN")
-            .env_remove("SLUICE_TRANSPARENT_HUGE_PAGES");
-        if let Some(v) = setting {
-            cmd.env("SLUICE_TRANSPARENT_HUGE_PAGES", v);
-        }
-        let mut child = cmd.spawn().expect("spawn server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_status(admin_port, "/readyz") != Some(200) {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "server exited with {status}:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "server not ready in time");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
             .expect("read /proc status");
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(server);
         let got = status
             .lines()
             .find_map(|l| l.strip_prefix("THP_enabled:"))

@@ -315,12 +315,12 @@ pub fn run(
             }
             while open.len() < inflight && send_window >= t.body.len() as i64 {
                 let from = match pace {
-                    _ if warming => now,
-                    Pace::Closed => now,
-                    Pace::Open { .. } => match waiting.pop_front() {
+                    // Closed loop, and the warm-up of an open-loop run.
+                    Pace::Open { .. } if !warming => match waiting.pop_front() {
                         Some(f) => f,
                         None => break,
                     },
+                    _ => now,
                 };
                 t.write(&mut out, next_stream, seq);
                 send_window -= t.body.len() as i64;
