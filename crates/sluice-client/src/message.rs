@@ -145,7 +145,7 @@ impl Message {
                 message_group: self.message_group.clone(),
                 ..Default::default()
             }),
-            body: self.body.clone(),
+            body: self.body.clone().into(),
         }
     }
 }
@@ -212,7 +212,7 @@ impl ReceivedMessage {
                 .take(MAX_INFLATED_BODY)
                 .read_to_end(&mut out)
             {
-                Ok(_) => body = out,
+                Ok(_) => body = out.into(),
                 Err(_) => corrupted = true,
             }
         }
@@ -229,7 +229,7 @@ impl ReceivedMessage {
             tag: sp.tag,
             keys: sp.keys,
             properties: m.user_properties,
-            body,
+            body: body.into(),
             message_group: sp.message_group,
             message_type: sp.message_type,
             delivery_time: sp.delivery_timestamp.as_ref().and_then(from_timestamp),
@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(r.kind(), MessageType::Fifo);
         assert!(!r.corrupted);
         let mut bad = pb;
-        bad.body = b"tampered".to_vec();
+        bad.body = b"tampered".to_vec().into();
         assert!(ReceivedMessage::from_pb(bad).corrupted);
     }
 
@@ -424,7 +424,7 @@ mod tests {
                 }),
                 ..Default::default()
             }),
-            body: enc.finish().expect("gzip"),
+            body: enc.finish().expect("gzip").into(),
             ..Default::default()
         };
         let r = ReceivedMessage::from_pb(pb);

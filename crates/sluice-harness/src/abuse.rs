@@ -93,7 +93,7 @@ fn msg(id: &str, body: Vec<u8>) -> v2::Message {
             message_type: v2::MessageType::Normal as i32,
             ..Default::default()
         }),
-        body,
+        body: body.into(),
     }
 }
 

@@ -170,7 +170,7 @@ mod tests {
                 }),
                 user_properties,
                 system_properties: Some(sample_system_properties()),
-                body: b"hello".to_vec(),
+                body: b"hello".to_vec().into(),
             }],
         };
         let bytes = encode(&req);

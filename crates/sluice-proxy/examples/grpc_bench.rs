@@ -161,7 +161,7 @@ fn message(body: &Bytes) -> v2::Message {
             queue_id: (id % 8) as i32,
             ..Default::default()
         }),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
     }
 }
 

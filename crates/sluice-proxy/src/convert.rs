@@ -79,7 +79,7 @@ pub fn from_pb(m: v2::Message, max_body: usize) -> Result<Message, BrokerError> 
                 max: max_body,
             });
         }
-        body = out;
+        body = Bytes::from(out);
     }
     if let Some(d) = &sp.body_digest {
         if d.r#type == v2::DigestType::Md5 as i32
@@ -96,7 +96,7 @@ pub fn from_pb(m: v2::Message, max_body: usize) -> Result<Message, BrokerError> 
         tag: sp.tag,
         keys: sp.keys,
         user_properties: m.user_properties.into_iter().collect::<BTreeMap<_, _>>(),
-        body: Bytes::from(body),
+        body,
         message_type: message_type(sp.message_type),
         message_group: sp.message_group,
         delivery_timestamp_ms: sp.delivery_timestamp.as_ref().map(ts_to_ms),
@@ -143,7 +143,7 @@ pub fn delivery_to_pb(
         topic: Some(crate::namespace::resource(ns, &m.topic)),
         user_properties: m.user_properties.clone().into_iter().collect(),
         system_properties: Some(sp),
-        body: m.body.to_vec(),
+        body: m.body.clone(),
     }
 }
 
@@ -170,7 +170,7 @@ mod tests {
                 message_id: "x".into(),
                 ..Default::default()
             }),
-            body: gz,
+            body: gz.into(),
             ..Default::default()
         };
         assert_eq!(
@@ -194,7 +194,7 @@ mod tests {
                 }),
                 ..Default::default()
             }),
-            body: b"x".to_vec(),
+            body: b"x".to_vec().into(),
             ..Default::default()
         };
         assert!(from_pb(m, 100).is_err());

@@ -91,7 +91,7 @@ async fn send(
             message_type: v2::MessageType::Normal as i32,
             ..Default::default()
         }),
-        body: id.as_bytes().to_vec(),
+        body: id.as_bytes().to_vec().into(),
     };
     let r = c
         .send_message(req(who, v2::SendMessageRequest { messages: vec![m] }))

@@ -37,7 +37,7 @@ fn delay_message(id: &str, at_ms: i64) -> v2::Message {
             }),
             ..Default::default()
         }),
-        body: id.as_bytes().to_vec(),
+        body: id.as_bytes().to_vec().into(),
     }
 }
 

@@ -43,7 +43,7 @@ fn message(id: &str, body: &[u8]) -> v2::Message {
             queue_id: 0,
             ..Default::default()
         }),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
     }
 }
 
@@ -139,7 +139,10 @@ async fn route_send_receive_ack() -> anyhow::Result<()> {
     let (st, msgs) = receive(&mut c, 32, 30).await?;
     assert_eq!(st.code(), Code::Ok);
     assert_eq!(msgs.len(), 2);
-    let m = msgs.iter().find(|m| m.body == b"hello").expect("M1");
+    let m = msgs
+        .iter()
+        .find(|m| m.body[..] == b"hello"[..])
+        .expect("M1");
     let sp = m.system_properties.as_ref().expect("system properties");
     assert_eq!(sp.message_id, "M1");
     assert_eq!(sp.tag.as_deref(), Some("tagA"));

@@ -84,7 +84,7 @@ async fn send(
             message_type: v2::MessageType::Normal as i32,
             ..Default::default()
         }),
-        body: id.as_bytes().to_vec(),
+        body: id.as_bytes().to_vec().into(),
     };
     Ok(
         c.send_message(style.req(v2::SendMessageRequest { messages: vec![m] }))

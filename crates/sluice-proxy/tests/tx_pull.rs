@@ -42,7 +42,7 @@ fn tx_message(id: &str) -> v2::Message {
             message_type: v2::MessageType::Transaction as i32,
             ..Default::default()
         }),
-        body: b"order 42 paid".to_vec(),
+        body: b"order 42 paid".to_vec().into(),
     }
 }
 
@@ -225,7 +225,7 @@ async fn orphaned_transaction_is_checked_over_telemetry_and_resolved() -> anyhow
     assert_eq!(rec.transaction_id, txid);
     let m = rec.message.expect("message");
     assert_eq!(m.topic.as_ref().map(|t| t.name.as_str()), Some("tx"));
-    assert_eq!(m.body, b"order 42 paid");
+    assert_eq!(m.body[..], b"order 42 paid"[..]);
     assert_eq!(
         m.user_properties.get("order").map(String::as_str),
         Some("42")

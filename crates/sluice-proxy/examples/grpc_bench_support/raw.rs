@@ -114,7 +114,7 @@ fn request(queue_id: i32) -> anyhow::Result<Vec<u8>> {
                 queue_id,
                 ..Default::default()
             }),
-            body: vec![b'x'; 1024],
+            body: vec![b'x'; 1024].into(),
         }],
     };
     let pb = req.encode_to_vec();
