@@ -6,6 +6,7 @@
 //!     [--repeats N] [--recovery-mib N] [--quick] [--fsync-delay-ms N]
 //!     [--flush sync|async] [--inflight N]   (only those runs, no reads/recovery: profiling)
 //!     [--zero-ahead BYTES]   (the store's `zero_ahead`; default its own, 0 turns it off)
+//!     [--inline-sync N]      (the store's `inline_sync_max`; default its own, 0 turns it off)
 //! ```
 //!
 //! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
@@ -70,10 +71,14 @@ fn parse_args() -> anyhow::Result<Args> {
             "--zero-ahead" => {
                 let _ = ZERO_AHEAD.set(v()?.parse()?);
             }
+            "--inline-sync" => {
+                let _ = INLINE_SYNC.set(v()?.parse()?);
+            }
             "--help" | "-h" => {
                 println!(
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
-                     [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--zero-ahead BYTES]\n\
+                     [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--zero-ahead BYTES]\n    \
+                     [--inline-sync N]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);
@@ -86,6 +91,8 @@ fn parse_args() -> anyhow::Result<Args> {
 
 /// `--zero-ahead`: overrides the store's default.
 static ZERO_AHEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+/// `--inline-sync`: overrides the store's default.
+static INLINE_SYNC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -200,6 +207,9 @@ fn append_run(
     cfg.index_entries = 1 << 20;
     if let Some(z) = ZERO_AHEAD.get() {
         cfg.zero_ahead = *z;
+    }
+    if let Some(n) = INLINE_SYNC.get() {
+        cfg.inline_sync_max = *n;
     }
     let store = Arc::new(open_store(cfg, fsync_delay_ms)?);
     let body = Bytes::from(vec![0xA5u8; 16 << 10]);

@@ -76,6 +76,11 @@ pub struct StoreConfig {
     /// the writer, so that appends overwrite ordinary blocks and an fdatasync commits no
     /// extent change (see `zero_ahead.rs`). Zero turns it off.
     pub zero_ahead: u64,
+    /// Sync only: while the syncer thread is idle and a group commit holds at most this
+    /// many appends, the writer runs the fdatasync itself instead of handing the batch over
+    /// (one thread wake-up fewer per group commit). Larger groups go to the syncer, so that
+    /// writing the next group overlaps the fdatasync of this one. Zero turns it off.
+    pub inline_sync_max: usize,
 }
 
 impl StoreConfig {
@@ -96,6 +101,7 @@ impl StoreConfig {
             max_batch_bytes: 4 << 20,
             group_commit_wait: Duration::from_millis(1),
             zero_ahead: 8 << 20,
+            inline_sync_max: 64,
         }
     }
 

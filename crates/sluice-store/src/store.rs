@@ -15,6 +15,8 @@
 //!                            write consume-queue entries     complete the appends
 //!                            add index entries
 //!                            Sync:  hand over to the syncer  flusher thread
+//!                                   (small group, syncer idle:
+//!                                   the writer syncs it itself)
 //!                            Async: complete now,              Async: fdatasync every
 //!                                   kick the flusher           interval / N bytes; always:
 //!                                                              checkpoints (queues + index
@@ -25,8 +27,13 @@
 //! free, and in Sync mode the syncer syncs whatever was written when it becomes free. The
 //! two run in a pipeline: while one fdatasync runs, the writer already encodes and writes
 //! the appends that arrived meanwhile, and the next fdatasync covers all of them. Batch
-//! sizes adapt to the load, and only the syncer syncs the commit log in Sync mode, so at
-//! most one fdatasync of it is ever in flight.
+//! sizes adapt to the load. A pipeline pays a thread hand-off per group commit, which a
+//! small group cannot hide: with few appenders nothing is written during the fdatasync
+//! anyway. So when the syncer holds nothing and the group has at most `inline_sync_max`
+//! appends, the writer waits for the cohort (below) and runs the fdatasync itself. The
+//! syncer is fed only by the writer, so in Sync mode the commit log is synced by the syncer
+//! or by the writer while the syncer is idle, and at most one fdatasync of it is ever in
+//! flight.
 //!
 //! Cohorts. With a fixed set of appenders that each wait for their answer, syncs split the
 //! appenders into cohorts that take turns: the ones answered last come back a few
@@ -132,6 +139,9 @@ pub struct StoreStats {
     pub fsync_nanos: u64,
     /// Most fdatasyncs ever in flight at once on commit-log segments.
     pub max_syncs_in_flight: u64,
+    /// Sync: group commits the writer synced itself (small groups, syncer idle); the others
+    /// went to the syncer thread.
+    pub writer_group_commits: u64,
     pub written_offset: u64,
     pub durable_offset: u64,
     pub min_offset: u64,
@@ -186,6 +196,14 @@ struct Shared {
     awaiting_sync: AtomicU64,
     /// Duration of the last commit-log fdatasync, in nanoseconds.
     last_fsync_nanos: AtomicU64,
+    /// Set by the syncer from taking a batch until it has answered it. The writer is the
+    /// only sender to the syncer, so while this is clear and `awaiting_sync` is zero the
+    /// syncer holds nothing and the writer may sync the commit log itself.
+    syncer_busy: AtomicBool,
+    /// Sync: appends known to be in the group-commit loop, learnt at the end of each group
+    /// commit (the ones just answered plus the ones that arrived meanwhile); see *Cohorts*.
+    cohort: AtomicU64,
+    writer_group_commits: AtomicU64,
     metrics: StoreMetrics,
 }
 
@@ -524,6 +542,9 @@ impl Store {
             queued: AtomicU64::new(0),
             awaiting_sync: AtomicU64::new(0),
             last_fsync_nanos: AtomicU64::new(0),
+            syncer_busy: AtomicBool::new(false),
+            cohort: AtomicU64::new(0),
+            writer_group_commits: AtomicU64::new(0),
             metrics: StoreMetrics::new(),
             config,
         });
@@ -1158,6 +1179,7 @@ impl Store {
             fsyncs: s.fsyncs.load(Ordering::Relaxed),
             fsync_nanos: s.fsync_nanos.load(Ordering::Relaxed),
             max_syncs_in_flight: s.max_syncs_in_flight.load(Ordering::Relaxed),
+            writer_group_commits: s.writer_group_commits.load(Ordering::Relaxed),
             written_offset: s.written.load(Ordering::Acquire),
             durable_offset: s.durable.load(Ordering::Acquire),
             min_offset: s.clog.min_offset.load(Ordering::Acquire),
@@ -1338,6 +1360,8 @@ struct Writer {
     syncer: Option<mpsc::Sender<SyncJob>>,
     /// Sync mode: the zero-filling helper working in front of the writer.
     zero: Option<Arc<ZeroAhead>>,
+    /// Sync mode: batches written and not yet synced or handed to the syncer.
+    jobs: Vec<SyncJob>,
     pos: u64,
     last_ts: i64,
     queues: Vec<WriterQueue>,
@@ -1371,6 +1395,7 @@ impl Writer {
             flush,
             syncer,
             zero,
+            jobs: Vec::new(),
             pos,
             last_ts: 0,
             queues: Vec::new(),
@@ -1386,13 +1411,10 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Request>) {
         let max = self.shared.config.max_batch_bytes;
         while let Ok(first) = rx.recv() {
-            let mut bytes = request_bytes(&first);
-            let mut batch = vec![first];
-            self.drain(&rx, &mut batch, &mut bytes, max);
-            self.shared
-                .queued
-                .fetch_sub(batch.len() as u64, Ordering::AcqRel);
-            self.process(batch);
+            self.take(first, &rx, max);
+            if !self.jobs.is_empty() {
+                self.dispatch(&rx, max);
+            }
         }
         if let Some(z) = &self.zero {
             z.stop();
@@ -1409,6 +1431,78 @@ impl Writer {
         seg.file
             .write_all_at(buf, at - seg.start)
             .map_err(|e| StoreError::io("write segment", &seg.path, e))
+    }
+
+    /// Writes `first` and every request queued behind it (up to `max` bytes) as one batch.
+    fn take(&mut self, first: Request, rx: &mpsc::Receiver<Request>, max: usize) {
+        let mut bytes = request_bytes(&first);
+        let mut batch = vec![first];
+        self.drain(rx, &mut batch, &mut bytes, max);
+        self.shared
+            .queued
+            .fetch_sub(batch.len() as u64, Ordering::AcqRel);
+        self.process(batch);
+    }
+
+    /// Sync: makes the written batches durable, here or on the syncer thread.
+    ///
+    /// Inline when the syncer holds nothing and the group is small: then this thread
+    /// waits for the rest of the cohort as the syncer would (see *Cohorts*), writing what
+    /// arrives, and runs the one fdatasync itself. The syncer is fed only from here, so it
+    /// stays idle meanwhile and at most one fdatasync of the commit log is in flight.
+    fn dispatch(&mut self, rx: &mpsc::Receiver<Request>, max: usize) {
+        let limit = self.shared.config.inline_sync_max;
+        let count = |jobs: &[SyncJob]| jobs.iter().map(|j| j.replies.len()).sum::<usize>();
+        let mut n = count(&self.jobs);
+        let queued = self.shared.queued.load(Ordering::Acquire) as usize;
+        let expected = self.shared.cohort.load(Ordering::Acquire) as usize;
+        let idle = self.shared.awaiting_sync.load(Ordering::SeqCst) == 0
+            && !self.shared.syncer_busy.load(Ordering::SeqCst);
+        if !(idle && n + queued <= limit && expected <= limit) {
+            for job in std::mem::take(&mut self.jobs) {
+                self.hand_over(job);
+            }
+            return;
+        }
+        if n < expected {
+            let last = Duration::from_nanos(self.shared.last_fsync_nanos.load(Ordering::Relaxed));
+            let deadline = Instant::now() + self.shared.config.group_commit_wait.min(last / 4);
+            while n < expected {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(r) => {
+                        self.take(r, rx, max);
+                        n = count(&self.jobs);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let jobs = std::mem::take(&mut self.jobs);
+        self.shared
+            .writer_group_commits
+            .fetch_add(1, Ordering::Relaxed);
+        sync_and_answer(&self.shared, jobs);
+        let next = n + self.shared.queued.load(Ordering::Acquire) as usize;
+        self.shared.cohort.store(next as u64, Ordering::Release);
+    }
+
+    /// Sync: hands a written batch to the syncer thread.
+    fn hand_over(&mut self, job: SyncJob) {
+        let n = job.replies.len() as u64;
+        self.shared.awaiting_sync.fetch_add(n, Ordering::SeqCst);
+        let sent = match &self.syncer {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        };
+        if let Err(job) = sent {
+            // Only when the syncer thread is gone (it panicked): never acknowledge.
+            self.shared.awaiting_sync.fetch_sub(n, Ordering::AcqRel);
+            self.shared.fence("the syncer thread stopped".into());
+            for (reply, _) in job.replies {
+                let _ = reply.send(Err(StoreError::Fenced("the syncer thread stopped".into())));
+            }
+        }
     }
 
     /// Moves every request already queued into `batch`, up to `max` bytes.
@@ -1650,28 +1744,11 @@ impl Writer {
                     let _ = self.flush.send(Kick);
                 }
             }
-            FlushPolicy::Sync => {
-                let n = replies.len() as u64;
-                let job = SyncJob {
-                    end: self.pos,
-                    visible,
-                    replies,
-                };
-                self.shared.awaiting_sync.fetch_add(n, Ordering::AcqRel);
-                let sent = match &self.syncer {
-                    Some(tx) => tx.send(job).map_err(|e| e.0),
-                    None => Err(job),
-                };
-                if let Err(job) = sent {
-                    // Only when the syncer thread is gone (it panicked): never acknowledge.
-                    self.shared.awaiting_sync.fetch_sub(n, Ordering::AcqRel);
-                    self.shared.fence("the syncer thread stopped".into());
-                    for (reply, _) in job.replies {
-                        let _ =
-                            reply.send(Err(StoreError::Fenced("the syncer thread stopped".into())));
-                    }
-                }
-            }
+            FlushPolicy::Sync => self.jobs.push(SyncJob {
+                end: self.pos,
+                visible,
+                replies,
+            }),
         }
     }
 }
@@ -1680,13 +1757,15 @@ impl Writer {
 /// and acknowledges them (see *Cohorts* in the module docs for the wait).
 fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Sender<Kick>) {
     let count = |jobs: &[SyncJob]| jobs.iter().map(|j| j.replies.len()).sum::<usize>();
-    let mut expected = 0usize;
     while let Ok(first) = rx.recv() {
+        // Before `awaiting_sync` drops: the writer checks both to know the syncer is idle.
+        shared.syncer_busy.store(true, Ordering::SeqCst);
         let mut jobs = vec![first];
         while let Ok(j) = rx.try_recv() {
             jobs.push(j);
         }
         let mut n = count(&jobs);
+        let expected = shared.cohort.load(Ordering::Acquire) as usize;
         if n < expected {
             let last = Duration::from_nanos(shared.last_fsync_nanos.load(Ordering::Relaxed));
             // A quarter of an fdatasync: when syncs cost about as much as the appenders'
@@ -1707,44 +1786,54 @@ fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Send
             }
         }
         shared.awaiting_sync.fetch_sub(n as u64, Ordering::AcqRel);
-        let end = jobs.iter().map(|j| j.end).max().unwrap_or(0);
-        // Group commit: this one fdatasync covers every batch taken above. Only this thread
-        // syncs the commit log in Sync mode, so at most one fdatasync is in flight.
-        let durable = shared.durable.load(Ordering::Acquire);
-        let synced = match shared.fenced_error() {
-            Some(e) => Err(e),
-            None if end > durable => shared.sync_clog(durable, end),
-            None => Ok(()),
-        };
-        match synced {
-            Ok(()) => {
-                shared.durable.fetch_max(end, Ordering::AcqRel);
-                for j in jobs {
-                    for (q, next) in &j.visible {
-                        q.visible.fetch_max(*next, Ordering::AcqRel);
-                        shared.notify(q, *next);
-                    }
-                    for (reply, r) in j.replies {
-                        let _ = reply.send(r);
-                    }
+        sync_and_answer(&shared, jobs);
+        let expected = n
+            + shared.queued.load(Ordering::Acquire) as usize
+            + shared.awaiting_sync.load(Ordering::Acquire) as usize;
+        shared.cohort.store(expected as u64, Ordering::Release);
+        shared.syncer_busy.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Sync mode: one fdatasync covering `jobs`, then their records become visible and their
+/// appends are answered; after a failed fdatasync the store is fenced and nothing is
+/// acknowledged.
+fn sync_and_answer(shared: &Shared, jobs: Vec<SyncJob>) {
+    let end = jobs.iter().map(|j| j.end).max().unwrap_or(0);
+    // Group commit: this one fdatasync covers every batch in `jobs`. In Sync mode only
+    // the syncer, or the writer while the syncer holds nothing, syncs the commit log, so
+    // at most one fdatasync of it is in flight.
+    let durable = shared.durable.load(Ordering::Acquire);
+    let synced = match shared.fenced_error() {
+        Some(e) => Err(e),
+        None if end > durable => shared.sync_clog(durable, end),
+        None => Ok(()),
+    };
+    match synced {
+        Ok(()) => {
+            shared.durable.fetch_max(end, Ordering::AcqRel);
+            for j in jobs {
+                for (q, next) in &j.visible {
+                    q.visible.fetch_max(*next, Ordering::AcqRel);
+                    shared.notify(q, *next);
                 }
-            }
-            Err(e) => {
-                // fsyncgate: after a failed fsync the page cache may have dropped the dirty
-                // pages, so a retry could "succeed" without the data. Never acknowledge
-                // after it.
-                shared.fence(e.to_string());
-                let why = shared.fenced.lock().clone().unwrap_or_default();
-                for j in jobs {
-                    for (reply, r) in j.replies {
-                        let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
-                    }
+                for (reply, r) in j.replies {
+                    let _ = reply.send(r);
                 }
             }
         }
-        expected = n
-            + shared.queued.load(Ordering::Acquire) as usize
-            + shared.awaiting_sync.load(Ordering::Acquire) as usize;
+        Err(e) => {
+            // fsyncgate: after a failed fsync the page cache may have dropped the dirty
+            // pages, so a retry could "succeed" without the data. Never acknowledge
+            // after it.
+            shared.fence(e.to_string());
+            let why = shared.fenced.lock().clone().unwrap_or_default();
+            for j in jobs {
+                for (reply, r) in j.replies {
+                    let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
+                }
+            }
+        }
     }
 }
 

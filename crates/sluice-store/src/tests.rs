@@ -757,6 +757,67 @@ async fn group_commit_shares_fsyncs_and_never_overlaps_them() {
     assert_eq!(st.durable_offset, st.written_offset);
 }
 
+/// Sync group commits change hands as the load changes: small groups are synced by the
+/// writer itself, large ones by the syncer thread (while the writer writes the next). In
+/// every phase an acknowledged append is already durable, syncs never overlap, and nothing
+/// is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commits_move_between_writer_and_syncer_safely() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Faults::new();
+    let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+    let mut c = StoreConfig::small(dir.path());
+    c.flush = FlushPolicy::Sync;
+    c.inline_sync_max = 8;
+    let s = Arc::new(Store::open_with(c, fs, Arc::new(SystemClock)).expect("open"));
+    let mut next = [0u64; 64];
+    // (appenders, appends each, extra ms per fdatasync): the slow phase makes groups larger
+    // than `inline_sync_max`.
+    let phases = [(1, 30, 0), (64, 10, 2), (4, 20, 0), (48, 10, 1)];
+    for (phase, &(appenders, each, delay)) in phases.iter().cycle().take(12).enumerate() {
+        faults.sync_delay_ms.store(delay, Ordering::SeqCst);
+        let mut tasks = Vec::new();
+        for (t, &first) in next.iter().enumerate().take(appenders) {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in first..first + each {
+                    let r = s.append(vec![msg("h", t as u32, i)]).await.expect("append");
+                    assert_eq!(r[0].queue_offset, i, "phase {phase}");
+                    let st = s.stats();
+                    assert!(st.durable_offset >= r[0].physical_offset + u64::from(r[0].size));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        for n in next.iter_mut().take(appenders) {
+            *n += each;
+        }
+    }
+    let st = s.stats();
+    assert_eq!(st.appended_messages, 3 * (30 + 640 + 80 + 480));
+    assert_eq!(st.max_syncs_in_flight, 1);
+    assert!(st.writer_group_commits > 0, "the writer never synced");
+    assert!(
+        st.writer_group_commits < st.fsyncs,
+        "the syncer never synced ({} of {} by the writer)",
+        st.writer_group_commits,
+        st.fsyncs
+    );
+    assert_eq!(st.durable_offset, st.written_offset);
+    for (t, &n) in next.iter().enumerate() {
+        let got = read_all(&s, "h", t as u32);
+        assert_eq!(got.len() as u64, n, "queue {t}");
+        for (i, m) in got.iter().enumerate() {
+            assert_eq!(
+                m.property(PROP_MSG_ID),
+                Some(format!("id-h-{t}-{i}").as_str())
+            );
+        }
+    }
+}
+
 #[test]
 fn arrival_listener_fires_when_records_become_visible() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -357,6 +357,9 @@ section! {
         group_commit_wait: HumanDuration = HumanDuration(lib_store().group_commit_wait),
         /// Sync flush: bytes kept zero-filled in front of the writer; `0B` turns it off.
         zero_ahead: ByteSize = ByteSize(lib_store().zero_ahead),
+        /// Sync flush: group commits of at most this many appends are synced by the writer
+        /// thread itself while the syncer is idle; `0` hands every one to the syncer.
+        inline_sync_max: u32 = u32::try_from(lib_store().inline_sync_max).unwrap_or(u32::MAX),
     }
 }
 
@@ -745,6 +748,7 @@ impl Config {
             checkpoint_interval: s.checkpoint_interval.0,
             group_commit_wait: s.group_commit_wait.0,
             zero_ahead: s.zero_ahead.0,
+            inline_sync_max: s.inline_sync_max as usize,
             ..StoreConfig::new(&self.server.data_dir)
         }
     }
