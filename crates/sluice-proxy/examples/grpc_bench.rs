@@ -616,7 +616,7 @@ struct LocalServer {
     broker: Arc<Broker>,
     addr: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl LocalServer {

@@ -13,6 +13,7 @@ mod incoming;
 mod metrics;
 pub mod namespace;
 mod pull;
+mod serve;
 mod service;
 mod transactions;
 
@@ -65,7 +66,7 @@ pub async fn run<M: Messaging>(
     messaging: Arc<M>,
     config: ProxyConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> std::io::Result<()> {
     use sluice_proto::v2::messaging_service_server::MessagingServiceServer;
 
     let max_msg = config.max_decoding_message_size;
@@ -89,18 +90,25 @@ pub async fn run<M: Messaging>(
     // Our own accept loop: connection cap, handshake timeout, Nagle off per stream (or small
     // responses wait for the peer's delayed ACK, ~40 ms).
     let (incoming, acceptor) = incoming::incoming(listener, max_conns, handshake_timeout);
-    let r = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(1024))
-        .layer(metrics::MetricsLayer)
-        .add_service(server)
-        .serve_with_incoming_shutdown(incoming, async move {
+    let stop_accepting = acceptor.abort_handle();
+    serve::serve(
+        incoming,
+        tower::Layer::layer(&metrics::MetricsLayer, server),
+        serve::Http2Settings {
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 1024,
+        },
+        async move {
             let _ = stop_wait.wait_for(|s| *s).await;
-        })
-        .await;
+            // The listening socket closes now, not after the open connections drained:
+            // new clients are refused at once instead of waiting for their deadline.
+            stop_accepting.abort();
+        },
+    )
+    .await;
     renew.abort();
     acceptor.abort();
     checks.abort();
-    r
+    Ok(())
 }
