@@ -1315,8 +1315,8 @@ impl Messaging for Broker {
     async fn send(&self, messages: Vec<Message>) -> Vec<Result<SendReceipt, BrokerError>> {
         let mut results: Vec<Option<Result<SendReceipt, BrokerError>>> =
             Vec::with_capacity(messages.len());
-        let mut batch = Vec::new();
-        let mut slots = Vec::new();
+        let mut batch = Vec::with_capacity(messages.len());
+        let mut slots = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             let r = (|| {
                 validate_resource_name(&m.topic)
@@ -1351,22 +1351,21 @@ impl Messaging for Broker {
             }
         }
         if !batch.is_empty() {
-            let queues: Vec<(u32, String)> = batch
+            // What the receipts need of each append (taken before the batch moves into the
+            // store): its queue as the client sees it, its transaction id, and whether it
+            // went to the timer log.
+            let receipts: Vec<(u32, String, bool)> = batch
                 .iter()
                 .map(|a| {
-                    crate::transaction::Transactions::receipt(a)
-                        .unwrap_or_else(|| (crate::timer::receipt_queue(a).0, String::new()))
+                    let (q, timed) = crate::timer::receipt_queue(a);
+                    let (q, txid) = crate::transaction::Transactions::receipt(a)
+                        .unwrap_or_else(|| (q, String::new()));
+                    (q, txid, timed)
                 })
-                .collect();
-            let timed: Vec<bool> = batch
-                .iter()
-                .map(|a| crate::timer::receipt_queue(a).1)
                 .collect();
             match self.store.append(batch).await {
                 Ok(stored) => {
-                    for (((i, r), (q, txid)), timed) in
-                        slots.iter().zip(stored).zip(queues).zip(timed)
-                    {
+                    for ((i, r), (q, txid, timed)) in slots.iter().zip(stored).zip(receipts) {
                         self.metrics
                             .sent(&messages[*i].topic, messages[*i].body.len());
                         results[*i] = Some(Ok(SendReceipt {

@@ -57,8 +57,14 @@ pub fn pb_message_type(t: MessageType) -> v2::MessageType {
 }
 
 fn md5_upper(body: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let d = Md5::digest(body);
-    d.iter().map(|b| format!("{b:02X}")).collect()
+    let mut s = String::with_capacity(2 * d.len());
+    for b in d {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xF)]));
+    }
+    s
 }
 
 /// Converts a message of a SendMessage request. GZIP bodies are inflated (bounded by

@@ -314,10 +314,10 @@ fn endpoints_or_local(
 }
 
 /// The common status of several per-entry statuses.
-fn combined(statuses: &[v2::Status]) -> v2::Status {
-    match statuses.first() {
+fn combined<'a>(mut statuses: impl Iterator<Item = &'a v2::Status>) -> v2::Status {
+    match statuses.next() {
         None => ok(),
-        Some(first) if statuses.iter().all(|s| s.code == first.code) => first.clone(),
+        Some(first) if statuses.all(|s| s.code == first.code) => first.clone(),
         Some(_) => sluice_proto::status(Code::MultipleResults, "entries have different results"),
     }
 }
@@ -417,6 +417,8 @@ impl<M: Messaging> MessagingService for Service<M> {
                 entries: vec![],
             }));
         }
+        // A failed entry still names its message; a successful one gets the id back from
+        // the broker.
         let ids: Vec<String> = r
             .messages
             .iter()
@@ -427,9 +429,11 @@ impl<M: Messaging> MessagingService for Service<M> {
                     .unwrap_or_default()
             })
             .collect();
-        let mut results: Vec<Option<Result<sluice_broker::SendReceipt, BrokerError>>> = Vec::new();
-        let mut valid = Vec::new();
-        let mut slots = Vec::new();
+        let n = r.messages.len();
+        let mut results: Vec<Option<Result<sluice_broker::SendReceipt, BrokerError>>> =
+            Vec::with_capacity(n);
+        let mut valid = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(n);
         let mut unresolved = unresolved.into_iter().peekable();
         for (i, m) in r.messages.into_iter().enumerate() {
             if let Some((_, e)) = unresolved.next_if(|(j, _)| *j == i) {
@@ -479,9 +483,8 @@ impl<M: Messaging> MessagingService for Service<M> {
                 },
             })
             .collect();
-        let statuses: Vec<v2::Status> = entries.iter().filter_map(|e| e.status.clone()).collect();
         Ok(Response::new(v2::SendMessageResponse {
-            status: Some(combined(&statuses)),
+            status: Some(combined(entries.iter().filter_map(|e| e.status.as_ref()))),
             entries,
         }))
     }
@@ -718,11 +721,10 @@ impl<M: Messaging> MessagingService for Service<M> {
                 }),
             })
             .collect();
-        let statuses: Vec<v2::Status> = entries.iter().filter_map(|e| e.status.clone()).collect();
-        let st = if statuses.is_empty() {
+        let st = if entries.is_empty() {
             status(c.dialect, Code::BadRequest, "no entries")
         } else {
-            combined(&statuses)
+            combined(entries.iter().filter_map(|e| e.status.as_ref()))
         };
         Ok(Response::new(v2::AckMessageResponse {
             status: Some(st),
