@@ -417,3 +417,51 @@ async fn bad_input_gets_clear_codes_and_changes_nothing() -> anyhow::Result<()> 
     assert_eq!(r.status.map(|s| s.code()), Some(Code::Ok));
     Ok(())
 }
+
+/// A shutdown closes the listener at once, lets a request already in flight (a long poll)
+/// finish with its answer, and then ends the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() -> anyhow::Result<()> {
+    let s = start().await?;
+    let addr = s.addr;
+    let mut c = client(addr).await?;
+    // A long poll of 1 s on an empty topic: in flight when the shutdown starts.
+    let polling = tokio::spawn(async move { receive(&mut c, 16, 30).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::spawn(s.shutdown());
+    // New connections are refused within moments (not after the drain).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            // Reset: the attempt reached the backlog of the closing socket.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                break;
+            }
+            Err(e) => anyhow::bail!("unexpected connect error: {e}"),
+            Ok(_) => {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "still accepting 5 s after the shutdown started"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // Refused while the long poll was still open: the listener did not wait for the drain.
+    let poll_was_open = !polling.is_finished();
+    // The long poll still gets its whole answer: a status and the closing timestamp.
+    let (status, msgs) = tokio::time::timeout(Duration::from_secs(10), polling).await???;
+    assert_eq!(status.code(), Code::MessageNotFound, "{status:?}");
+    assert!(msgs.is_empty());
+    tokio::time::timeout(Duration::from_secs(10), stopped).await??;
+    assert!(
+        poll_was_open,
+        "new connections were accepted until the request in flight had finished"
+    );
+    Ok(())
+}
