@@ -10,6 +10,7 @@ use sluice_proto::v2::messaging_service_server::MessagingService;
 use sluice_proto::v2::{self, Code, receive_message_response, settings, telemetry_command};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ProxyConfig;
@@ -93,28 +94,54 @@ pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// The request headers every call reads, parsed once (a lookup by `&str` parses the name
+/// on every call).
+struct Keys {
+    authorization: MetadataKey<Ascii>,
+    date_time: MetadataKey<Ascii>,
+    client_id: MetadataKey<Ascii>,
+    language: MetadataKey<Ascii>,
+    timeout: MetadataKey<Ascii>,
+    namespace: MetadataKey<Ascii>,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        authorization: MetadataKey::from_static("authorization"),
+        date_time: MetadataKey::from_static("x-mq-date-time"),
+        client_id: MetadataKey::from_static("x-mq-client-id"),
+        language: MetadataKey::from_static("x-mq-language"),
+        timeout: MetadataKey::from_static("grpc-timeout"),
+        namespace: MetadataKey::from_static("x-mq-namespace"),
+    })
+}
+
 fn ctx<T>(req: &Request<T>, acl: Option<&SharedAcl>) -> Ctx {
     let md = req.metadata();
+    let k = keys();
     let auth = match acl {
         None => Auth::Off,
         Some(acl) => match acl.authenticate(
-            md.get("authorization").map(|v| v.as_bytes()),
-            md.get("x-mq-date-time").map(|v| v.as_bytes()),
+            md.get(&k.authorization).map(|v| v.as_bytes()),
+            md.get(&k.date_time).map(|v| v.as_bytes()),
         ) {
             Ok(u) => Auth::User(u),
             Err(e) => Auth::Refused(e),
         },
     };
-    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let get = |k: &MetadataKey<Ascii>| md.get(k).and_then(|v| v.to_str().ok());
     Ctx {
-        client_id: get("x-mq-client-id").filter(|s| !s.is_empty()),
-        dialect: match get("x-mq-language").as_deref() {
+        client_id: get(&k.client_id)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
+        dialect: match get(&k.language) {
             Some(l) if l.eq_ignore_ascii_case("rust") => Dialect::Rust,
             _ => Dialect::Any,
         },
-        timeout: get("grpc-timeout").as_deref().and_then(parse_grpc_timeout),
+        timeout: get(&k.timeout).and_then(parse_grpc_timeout),
         local: req.local_addr(),
-        namespace: get("x-mq-namespace").unwrap_or_default(),
+        namespace: get(&k.namespace).unwrap_or_default().to_owned(),
         auth,
     }
 }
