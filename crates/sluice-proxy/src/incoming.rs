@@ -159,10 +159,10 @@ pub fn incoming(
     max_connections: usize,
     handshake_timeout: Duration,
 ) -> (
-    tokio_stream::wrappers::ReceiverStream<io::Result<Guarded>>,
+    tokio_stream::wrappers::ReceiverStream<Guarded>,
     tokio::task::JoinHandle<()>,
 ) {
-    let (tx, rx) = mpsc::channel::<io::Result<Guarded>>(256);
+    let (tx, rx) = mpsc::channel::<Guarded>(256);
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let r = metrics::global();
     let refused = r.counter(
@@ -211,13 +211,13 @@ pub fn incoming(
                     Ok(true) => {
                         open.add(1);
                         let _ = tx
-                            .send(Ok(Guarded::with_guard(
+                            .send(Guarded::with_guard(
                                 stream,
                                 ConnGuard {
                                     _permit: permit,
                                     open,
                                 },
-                            )))
+                            ))
                             .await;
                     }
                     Ok(false) => {}

@@ -90,7 +90,6 @@ pub async fn run<M: Messaging>(
     // Our own accept loop: connection cap, handshake timeout, Nagle off per stream (or small
     // responses wait for the peer's delayed ACK, ~40 ms).
     let (incoming, acceptor) = incoming::incoming(listener, max_conns, handshake_timeout);
-    let stop_accepting = acceptor.abort_handle();
     serve::serve(
         incoming,
         tower::Layer::layer(&metrics::MetricsLayer, server),
@@ -103,12 +102,11 @@ pub async fn run<M: Messaging>(
             let _ = stop_wait.wait_for(|s| *s).await;
             // The listening socket closes now, not after the open connections drained:
             // new clients are refused at once instead of waiting for their deadline.
-            stop_accepting.abort();
+            acceptor.abort();
         },
     )
     .await;
     renew.abort();
-    acceptor.abort();
     checks.abort();
     Ok(())
 }

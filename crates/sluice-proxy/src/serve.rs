@@ -63,7 +63,7 @@ pub async fn serve<I, IO, S, B>(
     settings: Http2Settings,
     stop: impl Future<Output = ()>,
 ) where
-    I: tokio_stream::Stream<Item = std::io::Result<IO>>,
+    I: tokio_stream::Stream<Item = IO>,
     IO: tokio::io::AsyncRead
         + tokio::io::AsyncWrite
         + Connected<ConnectInfo = TcpConnectInfo>
@@ -87,8 +87,8 @@ pub async fn serve<I, IO, S, B>(
         .keep_alive_interval(settings.keep_alive_interval)
         .keep_alive_timeout(settings.keep_alive_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
-        // gRPC has no use for a `date` response header (hyper adds one by default; grpc-go
-        // and grpc-java send none): one header less to build and encode per response.
+        // gRPC has no use for a `date` response header (hyper adds one by default): one
+        // header less to build and encode per response.
         .auto_date_header(false);
     // Each connection task holds a receiver: `closed()` on the sender resolves when the
     // last connection is gone.
@@ -99,12 +99,7 @@ pub async fn serve<I, IO, S, B>(
         let io = tokio::select! {
             _ = &mut stop => break,
             io = incoming.next() => match io {
-                Some(Ok(io)) => io,
-                // The accept loop logs and backs off itself; it yields no errors today.
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "accepting a gRPC connection failed");
-                    continue;
-                }
+                Some(io) => io,
                 None => break,
             },
         };
@@ -130,11 +125,10 @@ pub async fn serve<I, IO, S, B>(
             if let Err(e) = r {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
-            drop(stopped);
         });
     }
-    // No more accepts (the caller's accept task is stopped with this function's return);
-    // drain the open connections.
+    // No more accepts (`stop` has resolved or the accept loop ended): drain the open
+    // connections.
     let _ = stop_tx.send(true);
     drop(stop_rx);
     stop_tx.closed().await;
