@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if mode % 2 == 0 {
         if let Ok(acl) = Acl::from_toml(&String::from_utf8_lossy(rest)) {
-            let _ = acl.authenticate(Some(b"MQv2-HMAC-SHA1 Credential=a, Signature=00"), Some(b"d"));
+            let _ = acl.authenticate(
+                Some(b"MQv2-HMAC-SHA1 Credential=a, Signature=00"),
+                Some(b"d"),
+            );
         }
         return;
     }

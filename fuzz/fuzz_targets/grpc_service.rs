@@ -35,14 +35,7 @@ static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0)
 
 fn env() -> &'static Env {
     ENV.get_or_init(|| {
-        sluice_fuzz::abort_on_panic();
-        let dir = sluice_fuzz::scratch_dir("sluice-fuzz-grpc");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let broker = sluice_fuzz::scratch_broker(&dir);
+        let (rt, broker) = sluice_fuzz::server_env("sluice-fuzz-grpc");
         for (name, ty) in [
             ("t", MessageType::Normal),
             ("f", MessageType::Fifo),
@@ -57,29 +50,7 @@ fn env() -> &'static Env {
         broker
             .create_group("gf", true, Some(2), None, None)
             .expect("group");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let config = sluice_proxy::ProxyConfig {
-            max_long_poll: Duration::from_millis(200),
-            ..sluice_proxy::ProxyConfig::default()
-        };
-        rt.spawn(sluice_proxy::run(
-            listener,
-            broker,
-            config,
-            std::future::pending::<()>(),
-        ));
-        let client = rt
-            .block_on(async {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .expect("endpoint")
-                    .connect()
-                    .await?;
-                Ok::<_, tonic::transport::Error>(MessagingServiceClient::new(ch))
-            })
-            .expect("connect");
+        let (_, client) = sluice_fuzz::grpc_server(&rt, broker);
         Env { rt, client }
     })
 }

@@ -178,3 +178,59 @@ pub fn scratch_broker(dir: &std::path::Path) -> std::sync::Arc<sluice_broker::br
     )
     .expect("broker")
 }
+
+/// Serves the gRPC API of `broker` on 127.0.0.1 (a free port) in `rt`, with long polls cut
+/// to 200 ms, and returns its address and a client connected to it.
+pub fn grpc_server(
+    rt: &tokio::runtime::Runtime,
+    broker: std::sync::Arc<sluice_broker::broker::Broker>,
+) -> (
+    std::net::SocketAddr,
+    sluice_proto::v2::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>,
+) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = sluice_proxy::ProxyConfig {
+        max_long_poll: std::time::Duration::from_millis(200),
+        ..sluice_proxy::ProxyConfig::default()
+    };
+    rt.spawn(sluice_proxy::run(
+        listener,
+        broker,
+        config,
+        std::future::pending::<()>(),
+    ));
+    let client = rt
+        .block_on(async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .connect()
+                .await?;
+            Ok::<_, tonic::transport::Error>(
+                sluice_proto::v2::messaging_service_client::MessagingServiceClient::new(ch),
+            )
+        })
+        .expect("connect");
+    (addr, client)
+}
+
+/// For targets that run a server for the whole run: panics abort the process, and a
+/// one-worker runtime with a scratch broker (directory named after `prefix`).
+pub fn server_env(
+    prefix: &str,
+) -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<sluice_broker::broker::Broker>,
+) {
+    abort_on_panic();
+    let dir = scratch_dir(prefix);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let broker = scratch_broker(&dir);
+    (rt, broker)
+}

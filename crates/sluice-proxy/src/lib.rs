@@ -8,6 +8,7 @@
 pub mod auth;
 mod clients;
 pub mod codes;
+mod conn;
 mod convert;
 mod incoming;
 mod metrics;
@@ -97,6 +98,10 @@ pub async fn run<M: Messaging>(
             keep_alive_interval: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(10),
             max_concurrent_streams: 1024,
+            // As hyper's server had them: 1 MiB per stream and for the connection.
+            stream_window: 1 << 20,
+            conn_window: 1 << 20,
+            max_header_list_size: 16 << 10,
         },
         async move {
             let _ = stop_wait.wait_for(|s| *s).await;
