@@ -40,6 +40,7 @@ fn main() {
     write(&out, "broker_open", broker_open_seeds());
     write(&out, "grpc_service", grpc_service_seeds());
     write(&out, "admin_api", admin_api_seeds());
+    write(&out, "http2_frames", http2_frames_seeds());
 }
 
 fn write(root: &Path, target: &str, seeds: Seeds) {
@@ -490,7 +491,7 @@ fn grpc_service_seeds() -> Seeds {
                 born_host: "10.0.0.1".to_owned(),
                 ..Default::default()
             }),
-            body: b"hello".to_vec(),
+            body: b"hello".to_vec().into(),
         };
     let handle = ReceiptHandle {
         broker: "sluice".into(),
@@ -856,7 +857,7 @@ fn grpc_request_seeds() -> Seeds {
                 queue_id: 3,
                 ..Default::default()
             }),
-            body: b"hello".to_vec(),
+            body: b"hello".to_vec().into(),
         }],
     };
     let send_fifo = v2::SendMessageRequest {
@@ -870,7 +871,7 @@ fn grpc_request_seeds() -> Seeds {
                 body_encoding: v2::Encoding::Gzip as i32,
                 ..Default::default()
             }),
-            body: vec![0x1f, 0x8b, 0x08, 0x00],
+            body: vec![0x1f, 0x8b, 0x08, 0x00].into(),
         }],
     };
     let receive = v2::ReceiveMessageRequest {
@@ -953,5 +954,113 @@ fn grpc_request_seeds() -> Seeds {
         v2::SendMessageRequest::decode(seeds[0].1.as_slice()).expect("decodes"),
         send
     );
+    seeds
+}
+
+/// An HTTP/2 frame: 24-bit length, type, flags, stream id, payload (RFC 9113 §4.1).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The HPACK header block of a gRPC call to `rpc`: `:method POST` and `:scheme http` from
+/// the static table, the rest literals without indexing and without Huffman coding.
+fn h2_request_headers(rpc: &str) -> Vec<u8> {
+    fn literal(out: &mut Vec<u8>, static_name: u8, name: &str, value: &str) {
+        if static_name == 0 {
+            out.push(0x00);
+            out.push(name.len() as u8);
+            out.extend_from_slice(name.as_bytes());
+        } else if static_name < 15 {
+            out.push(static_name);
+        } else {
+            out.extend_from_slice(&[0x0f, static_name - 15]);
+        }
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    let mut h = vec![0x83, 0x86];
+    literal(
+        &mut h,
+        4,
+        "",
+        &format!("/apache.rocketmq.v2.MessagingService/{rpc}"),
+    );
+    literal(&mut h, 31, "", "application/grpc");
+    literal(&mut h, 0, "te", "trailers");
+    literal(&mut h, 0, "x-mq-client-id", "fuzz@1@1@1");
+    h
+}
+
+/// A gRPC length-prefixed message.
+fn grpc_message(m: &impl sluice_proto::prost::Message) -> Vec<u8> {
+    let pb = m.encode_to_vec();
+    let mut out = vec![0];
+    out.extend_from_slice(&(pb.len() as u32).to_be_bytes());
+    out.extend_from_slice(&pb);
+    out
+}
+
+/// Frames sent after the client preface: whole gRPC calls, and the frames around them
+/// (SETTINGS, WINDOW_UPDATE, PING, CONTINUATION, RST_STREAM, GOAWAY).
+fn http2_frames_seeds() -> Seeds {
+    const HEADERS: u8 = 1;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+    let settings = h2_frame(4, 0, 0, &[]);
+    let route = grpc_message(&v2::QueryRouteRequest {
+        topic: resource("t"),
+        endpoints: None,
+    });
+    let send = grpc_message(&v2::SendMessageRequest {
+        messages: vec![v2::Message {
+            topic: resource("t"),
+            user_properties: HashMap::from([("a".to_owned(), "1".to_owned())]),
+            system_properties: Some(v2::SystemProperties {
+                message_id: "01FUZZ".to_owned(),
+                tag: Some("TagA".to_owned()),
+                ..Default::default()
+            }),
+            body: b"hello".to_vec().into(),
+        }],
+    });
+    let route_headers = h2_request_headers("QueryRoute");
+    let call = |stream: u32, headers: &[u8], body: &[u8]| {
+        let mut out = h2_frame(HEADERS, END_HEADERS, stream, headers);
+        out.extend(h2_frame(0, END_STREAM, stream, body));
+        out
+    };
+    let mut seeds = Seeds::new();
+    let mut s = settings.clone();
+    s.extend(call(1, &route_headers, &route));
+    seeds.push(("query_route".into(), s));
+    let mut s = settings.clone();
+    s.extend(call(1, &h2_request_headers("SendMessage"), &send));
+    s.extend(call(3, &h2_request_headers("SendMessage"), &send));
+    seeds.push(("send_message_twice".into(), s));
+    // A small initial window, a connection WINDOW_UPDATE, a PING, a header block split
+    // into HEADERS + CONTINUATION, and a body in two DATA frames with a stream
+    // WINDOW_UPDATE between them.
+    let mut s = h2_frame(4, 0, 0, &[0, 4, 0, 0, 0, 16]);
+    s.extend(h2_frame(8, 0, 0, &1000u32.to_be_bytes()));
+    s.extend(h2_frame(6, 0, 0, b"12345678"));
+    s.extend(h2_frame(HEADERS, 0, 3, &route_headers[..10]));
+    s.extend(h2_frame(9, END_HEADERS, 3, &route_headers[10..]));
+    s.extend(h2_frame(0, 0, 3, &route[..4]));
+    s.extend(h2_frame(8, 0, 3, &5u32.to_be_bytes()));
+    s.extend(h2_frame(0, END_STREAM, 3, &route[4..]));
+    seeds.push(("continuation_and_windows".into(), s));
+    // A call reset by the client (CANCEL), another one, then GOAWAY.
+    let mut s = settings;
+    s.extend(h2_frame(HEADERS, END_HEADERS, 1, &route_headers));
+    s.extend(h2_frame(3, 0, 1, &8u32.to_be_bytes()));
+    s.extend(call(3, &route_headers, &route));
+    let mut goaway = 3u32.to_be_bytes().to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes());
+    s.extend(h2_frame(7, 0, 0, &goaway));
+    seeds.push(("reset_then_goaway".into(), s));
     seeds
 }
