@@ -1323,7 +1323,7 @@ impl Messaging for Broker {
                     .map_err(|e| BrokerError::IllegalTopic(format!("{:?}: {e}", m.topic)))?;
                 let t = self
                     .meta
-                    .topic(&m.topic)
+                    .topic_shared(&m.topic)
                     .ok_or_else(|| BrokerError::TopicNotFound(m.topic.clone()))?;
                 self.validate(m, &t)?;
                 let q = match m.queue_id {

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -170,7 +171,8 @@ pub const MAX_QUEUES: u32 = 1024;
 
 pub(crate) struct Metadata {
     dir: PathBuf,
-    topics: RwLock<BTreeMap<String, TopicConfig>>,
+    /// Shared, so a lookup on the send path is a reference count, not a copy.
+    topics: RwLock<BTreeMap<String, Arc<TopicConfig>>>,
     groups: RwLock<BTreeMap<String, GroupConfig>>,
 }
 
@@ -255,14 +257,19 @@ impl Metadata {
             })?;
         }
         Ok(Metadata {
-            topics: RwLock::new(topics.into_iter().map(|t| (t.name.clone(), t)).collect()),
+            topics: RwLock::new(
+                topics
+                    .into_iter()
+                    .map(|t| (t.name.clone(), Arc::new(t)))
+                    .collect(),
+            ),
             groups: RwLock::new(groups.into_iter().map(|g| (g.name.clone(), g)).collect()),
             dir,
         })
     }
 
-    fn save_topics(&self, t: &BTreeMap<String, TopicConfig>) -> Result<(), BrokerError> {
-        let v: Vec<&TopicConfig> = t.values().collect();
+    fn save_topics(&self, t: &BTreeMap<String, Arc<TopicConfig>>) -> Result<(), BrokerError> {
+        let v: Vec<&TopicConfig> = t.values().map(|t| &**t).collect();
         let b = serde_json::to_vec_pretty(&v).map_err(|e| BrokerError::Internal(e.to_string()))?;
         write_atomic(&self.dir.join("topics.json"), &b)
     }
@@ -274,11 +281,16 @@ impl Metadata {
     }
 
     pub fn topic(&self, name: &str) -> Option<TopicConfig> {
+        self.topics.read().get(name).map(|t| (**t).clone())
+    }
+
+    /// [`Metadata::topic`] without the copy, for the send path.
+    pub fn topic_shared(&self, name: &str) -> Option<Arc<TopicConfig>> {
         self.topics.read().get(name).cloned()
     }
 
     pub fn topics(&self) -> Vec<TopicConfig> {
-        self.topics.read().values().cloned().collect()
+        self.topics.read().values().map(|t| (**t).clone()).collect()
     }
 
     pub fn group(&self, name: &str) -> Option<GroupConfig> {
@@ -305,7 +317,7 @@ impl Metadata {
             }
         }
         let mut next = all.clone();
-        next.insert(t.name.clone(), t.clone());
+        next.insert(t.name.clone(), Arc::new(t.clone()));
         self.save_topics(&next)?;
         *all = next;
         Ok(t)

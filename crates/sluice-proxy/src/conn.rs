@@ -108,6 +108,30 @@ enum Event {
     Credit,
 }
 
+/// Hashes the stream ids of one connection's map by a multiplication (they are at most
+/// `max_concurrent_streams` odd numbers; SipHash cost more than the rest of a lookup).
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type StreamMap = HashMap<u32, Stream, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Request paths seen on a connection, parsed once: clients call a handful of RPCs.
+const PATH_CACHE: usize = 16;
+
 /// State the connection shares with its streams' tasks and bodies.
 struct Shared {
     events: mpsc::UnboundedSender<Event>,
@@ -413,7 +437,8 @@ where
         limits,
         shared,
         events,
-        streams: HashMap::new(),
+        streams: StreamMap::default(),
+        paths: Vec::new(),
         to_spawn: Vec::new(),
         ready: VecDeque::new(),
         conn_blocked: Vec::new(),
@@ -458,7 +483,9 @@ struct Conn<IO, S> {
     limits: Limits,
     shared: Arc<Shared>,
     events: mpsc::UnboundedReceiver<Event>,
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap,
+    /// Parsed request paths (at most [`PATH_CACHE`]).
+    paths: Vec<(Box<str>, http::Uri)>,
     /// Streams whose request arrived in this read, spawned once the read is done.
     to_spawn: Vec<u32>,
     /// Streams with output that may go out.
@@ -788,14 +815,22 @@ where
                 .push_back(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
             return;
         };
-        let uri = match http::Uri::try_from(&*path) {
-            Ok(u) => u,
-            Err(_) => {
-                self.control.push_back(
-                    frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into(),
-                );
-                return;
-            }
+        let uri = match self.paths.iter().find(|(p, _)| **p == *path) {
+            Some((_, u)) => u.clone(),
+            None => match http::Uri::try_from(&*path) {
+                Ok(u) => {
+                    if self.paths.len() < PATH_CACHE {
+                        self.paths.push((Box::from(&*path), u.clone()));
+                    }
+                    u
+                }
+                Err(_) => {
+                    self.control.push_back(
+                        frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into(),
+                    );
+                    return;
+                }
+            },
         };
         let mut req = http::Request::new(());
         *req.method_mut() = pseudo.method.unwrap_or(http::Method::POST);
