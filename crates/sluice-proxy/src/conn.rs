@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::frame::{self, Frame, Reason, StreamId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{Notify, mpsc};
@@ -55,6 +55,14 @@ const MAX_WINDOW: i64 = (1 << 31) - 1;
 pub(crate) const QUEUED_LIMIT: usize = 1 << 20;
 /// Frames read in one go before the connection turns to its streams' output.
 const READ_BATCH: usize = 256;
+/// Encoded output beyond which no more is encoded (and nothing more read) until the
+/// socket has taken some.
+const WRITE_LIMIT: usize = 64 << 10;
+const FRAME_DATA: u8 = 0x0;
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
 /// Payload of the keep-alive PING.
 const KEEPALIVE_PING: [u8; 8] = *b"sluiceka";
 
@@ -442,7 +450,9 @@ where
         to_spawn: Vec::new(),
         ready: VecDeque::new(),
         conn_blocked: Vec::new(),
-        control: VecDeque::new(),
+        wbuf: BytesMut::with_capacity(WRITE_LIMIT),
+        hbuf: Vec::new(),
+        max_send_frame: 16_384,
         last_stream_id: 0,
         conn_recv_window: DEFAULT_WINDOW,
         conn_send_window: DEFAULT_WINDOW,
@@ -457,11 +467,10 @@ where
     settings.set_max_concurrent_streams(Some(limits.max_concurrent_streams));
     settings.set_initial_window_size(Some(limits.stream_window));
     settings.set_max_header_list_size(Some(limits.max_header_list_size));
-    conn.control.push_back(settings.into());
+    conn.ctl(settings.into());
     let extra = i64::from(limits.conn_window) - DEFAULT_WINDOW;
     if extra > 0 {
-        conn.control
-            .push_back(frame::WindowUpdate::new(StreamId::zero(), extra as u32).into());
+        conn.ctl(frame::WindowUpdate::new(StreamId::zero(), extra as u32).into());
         conn.conn_recv_window += extra;
     }
     let mut stop = std::pin::pin!(stop);
@@ -492,8 +501,12 @@ struct Conn<IO, S> {
     ready: VecDeque<u32>,
     /// Streams waiting for connection send window.
     conn_blocked: Vec<u32>,
-    /// Connection-level frames to send (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY).
-    control: VecDeque<Frame<Bytes>>,
+    /// Encoded frames not yet written to the socket (from `wpos` on).
+    wbuf: BytesMut,
+    /// HPACK scratch space for one header block.
+    hbuf: Vec<u8>,
+    /// Largest frame payload the client accepts (SETTINGS_MAX_FRAME_SIZE).
+    max_send_frame: usize,
     last_stream_id: u32,
     conn_recv_window: i64,
     conn_send_window: i64,
@@ -521,7 +534,13 @@ where
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         // Read what has arrived.
         let mut n = 0;
-        while self.reading && self.closing.is_none() && n < READ_BATCH {
+        // Nothing is read while the client does not take what we wrote: a client that
+        // sends without reading cannot make the server buffer its answers without bound.
+        while self.reading
+            && self.closing.is_none()
+            && n < READ_BATCH
+            && self.wbuf.len() < WRITE_LIMIT
+        {
             match Pin::new(&mut self.codec).poll_next(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
@@ -555,18 +574,14 @@ where
         if consumed >= self.shared.credit_threshold {
             self.shared.consumed.fetch_sub(consumed, Ordering::Relaxed);
             self.conn_recv_window += consumed as i64;
-            self.control
-                .push_back(frame::WindowUpdate::new(StreamId::zero(), consumed as u32).into());
+            self.ctl(frame::WindowUpdate::new(StreamId::zero(), consumed as u32).into());
         }
         if let Err(e) = self.poll_keep_alive(cx) {
             // The client does not answer: nothing more can be written to it either.
             return Poll::Ready(Err(e));
         }
-        // Write, then flush.
-        if let Err(e) = self.write(cx) {
-            return Poll::Ready(Err(e.into()));
-        }
-        let flushed = match self.codec.flush(cx) {
+        // Encode what may go out, then write it.
+        let flushed = match self.write(cx) {
             Poll::Ready(Ok(())) => true,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
             Poll::Pending => false,
@@ -575,12 +590,11 @@ where
             // GOAWAY went out if the socket took it; the connection closes either way.
             return Poll::Ready(self.closing.take().unwrap_or(Ok(())));
         }
-        let done = self.control.is_empty()
-            && self.streams.is_empty()
+        let done = self.streams.is_empty()
             && self.to_spawn.is_empty()
             && (self.refusing || self.closing.is_some());
         if done && flushed {
-            let _ = self.codec.shutdown(cx);
+            let _ = Pin::new(self.codec.get_mut()).poll_shutdown(cx);
             return Poll::Ready(Ok(()));
         }
         Poll::Pending
@@ -596,8 +610,7 @@ where
                 self.limits.keep_alive_interval
             }
             KeepAlive::Idle { heard: false } => {
-                self.control
-                    .push_back(frame::Ping::new(KEEPALIVE_PING).into());
+                self.ctl(frame::Ping::new(KEEPALIVE_PING).into());
                 self.keep_alive = KeepAlive::Pinged;
                 self.limits.keep_alive_timeout
             }
@@ -614,8 +627,7 @@ where
     /// as soon as the frame is out.
     fn go_away(&mut self, reason: Reason, err: Option<ConnError>) {
         if !self.refusing || err.is_some() {
-            self.control
-                .push_back(frame::GoAway::new(StreamId::from(self.last_stream_id), reason).into());
+            self.ctl(frame::GoAway::new(StreamId::from(self.last_stream_id), reason).into());
         }
         self.refusing = true;
         if let Some(e) = err {
@@ -629,8 +641,7 @@ where
             self.credit_unconsumed(&s);
         }
         self.to_spawn.retain(|&x| x != id);
-        self.control
-            .push_back(frame::Reset::new(StreamId::from(id), reason).into());
+        self.ctl(frame::Reset::new(StreamId::from(id), reason).into());
     }
 
     /// Connection credit for body bytes a removed stream never handed to its handler.
@@ -715,17 +726,15 @@ where
                     }
                 }
                 if let Some(m) = s.max_frame_size() {
-                    self.codec.set_max_send_frame_size(m as usize);
+                    self.max_send_frame = m as usize;
                 }
-                if let Some(t) = s.header_table_size() {
-                    self.codec.set_send_header_table_size(t as usize);
-                }
-                self.control.push_back(frame::Settings::ack().into());
+                // SETTINGS_HEADER_TABLE_SIZE needs nothing: our header blocks never use
+                // the dynamic table.
+                self.ctl(frame::Settings::ack().into());
             }
             Frame::Ping(p) => {
                 if !p.is_ack() {
-                    self.control
-                        .push_back(frame::Ping::pong(*p.payload()).into());
+                    self.ctl(frame::Ping::pong(*p.payload()).into());
                 } else if *p.payload() == KEEPALIVE_PING {
                     self.keep_alive = KeepAlive::Idle { heard: true };
                 }
@@ -764,8 +773,7 @@ where
         }
         if id % 2 == 1 && id <= self.last_stream_id {
             // A stream already closed on our side (answered, reset or refused).
-            self.control
-                .push_back(frame::Reset::new(StreamId::from(id), Reason::STREAM_CLOSED).into());
+            self.ctl(frame::Reset::new(StreamId::from(id), Reason::STREAM_CLOSED).into());
             return;
         }
         if id % 2 == 0 {
@@ -778,8 +786,7 @@ where
         }
         self.last_stream_id = id;
         if self.refusing || self.streams.len() >= self.limits.max_concurrent_streams as usize {
-            self.control
-                .push_back(frame::Reset::new(StreamId::from(id), Reason::REFUSED_STREAM).into());
+            self.ctl(frame::Reset::new(StreamId::from(id), Reason::REFUSED_STREAM).into());
             return;
         }
         let over_size = h.is_over_size();
@@ -811,8 +818,7 @@ where
             return;
         }
         let Some(path) = pseudo.path else {
-            self.control
-                .push_back(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
+            self.ctl(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
             return;
         };
         let uri = match self.paths.iter().find(|(p, _)| **p == *path) {
@@ -825,9 +831,7 @@ where
                     u
                 }
                 Err(_) => {
-                    self.control.push_back(
-                        frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into(),
-                    );
+                    self.ctl(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
                     return;
                 }
             },
@@ -959,8 +963,7 @@ where
                 if let Some(s) = self.streams.get_mut(&id) {
                     if s.recv_open {
                         s.recv_window += i64::from(n);
-                        self.control
-                            .push_back(frame::WindowUpdate::new(StreamId::from(id), n).into());
+                        self.ctl(frame::WindowUpdate::new(StreamId::from(id), n).into());
                     }
                 }
             }
@@ -977,61 +980,100 @@ where
         }
     }
 
-    /// Moves control frames and stream output into the codec while it has room.
-    fn write(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+    /// Encodes a connection-level frame (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM,
+    /// GOAWAY) into the write buffer.
+    fn ctl(&mut self, f: Frame<Bytes>) {
+        match f {
+            Frame::Settings(f) => f.encode(&mut self.wbuf),
+            Frame::Ping(f) => f.encode(&mut self.wbuf),
+            Frame::WindowUpdate(f) => f.encode(&mut self.wbuf),
+            Frame::Reset(f) => f.encode(&mut self.wbuf),
+            Frame::GoAway(f) => f.encode(&mut self.wbuf),
+            // Only the frames above are built by this module.
+            f => tracing::warn!(frame = ?f, "HTTP/2 frame not sent"),
+        }
+    }
+
+    /// Encodes the output that may go out now, then writes the buffer to the socket;
+    /// `Ready(Ok)`: everything is written and flushed.
+    fn write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         loop {
-            if self.control.is_empty() {
-                break;
-            }
-            if self.codec.poll_ready(cx)?.is_pending() {
-                return Ok(());
-            }
-            if let Some(f) = self.control.pop_front() {
-                self.buffer(f);
-            }
-        }
-        if matches!(self.closing, Some(Err(_))) {
-            return Ok(());
-        }
-        while let Some(id) = self.ready.pop_front() {
-            match self.write_stream(id, cx)? {
-                Poll::Ready(()) => {}
-                Poll::Pending => {
-                    self.ready.push_front(id);
-                    return Ok(());
+            if !matches!(self.closing, Some(Err(_))) {
+                while self.wbuf.len() < WRITE_LIMIT {
+                    let Some(id) = self.ready.pop_front() else {
+                        break;
+                    };
+                    if !self.write_stream(id) {
+                        self.ready.push_front(id);
+                    }
                 }
             }
+            let io = self.codec.get_mut();
+            while !self.wbuf.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.wbuf))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                bytes::Buf::advance(&mut self.wbuf, n);
+            }
+            // Written in full: the buffer's space is reused from its start.
+            self.wbuf.clear();
+            if self.wbuf.capacity() < WRITE_LIMIT {
+                self.wbuf.reserve(WRITE_LIMIT);
+            }
+            if self.ready.is_empty() || matches!(self.closing, Some(Err(_))) {
+                return Pin::new(self.codec.get_mut()).poll_flush(cx);
+            }
         }
-        Ok(())
     }
 
-    fn buffer(&mut self, f: Frame<Bytes>) {
-        // Only a DATA frame over the peer's frame size can be refused, and write_stream
-        // never builds one.
-        if let Err(e) = self.codec.buffer(f) {
-            tracing::warn!(error = ?e, "HTTP/2 frame not sent");
-        }
+    /// A frame header (RFC 9113 §4.1).
+    fn frame_head(&mut self, len: usize, kind: u8, flags: u8, id: u32) {
+        self.wbuf.put_slice(&(len as u32).to_be_bytes()[1..]);
+        self.wbuf.put_slice(&[kind, flags]);
+        self.wbuf.put_slice(&id.to_be_bytes());
     }
 
-    /// Writes what stream `id` may send now; `Pending`: the codec is full (the stream
-    /// stays first in line).
-    fn write_stream(&mut self, id: u32, cx: &mut Context<'_>) -> std::io::Result<Poll<()>> {
+    /// HEADERS (and CONTINUATION frames if the block is larger than a frame) carrying the
+    /// header block in `self.hbuf`.
+    fn put_header_block(&mut self, id: u32, end_stream: bool) {
+        let block = std::mem::take(&mut self.hbuf);
+        let mut chunks = block.chunks(self.max_send_frame.max(1)).peekable();
+        let mut kind = FRAME_HEADERS;
+        let mut flags = if end_stream { FLAG_END_STREAM } else { 0 };
+        if chunks.peek().is_none() {
+            self.frame_head(0, kind, flags | FLAG_END_HEADERS, id);
+        }
+        while let Some(c) = chunks.next() {
+            if chunks.peek().is_none() {
+                flags |= FLAG_END_HEADERS;
+            }
+            self.frame_head(c.len(), kind, flags, id);
+            self.wbuf.put_slice(c);
+            kind = FRAME_CONTINUATION;
+            flags = 0;
+        }
+        self.hbuf = block;
+    }
+
+    /// Encodes what stream `id` may send now; `false`: the write buffer is full (the
+    /// stream stays first in line).
+    fn write_stream(&mut self, id: u32) -> bool {
         loop {
             let Some(s) = self.streams.get_mut(&id) else {
-                return Ok(Poll::Ready(()));
+                return true;
             };
             if s.pending.is_empty() {
                 s.scheduled = false;
-                return Ok(Poll::Ready(()));
+                return true;
             }
-            if self.codec.poll_ready(cx)?.is_pending() {
-                return Ok(Poll::Pending);
+            if self.wbuf.len() >= WRITE_LIMIT {
+                return false;
             }
-            let sid = StreamId::from(id);
             let Some(front) = s.pending.front_mut() else {
                 continue;
             };
-            let (frame, finished) = match front {
+            let (finished, reset) = match front {
                 Out::Data(b, false) if b.is_empty() => {
                     s.pending.pop_front();
                     continue;
@@ -1040,13 +1082,13 @@ where
                     let room = self
                         .conn_send_window
                         .min(s.send_window)
-                        .min(self.codec.max_send_frame_size() as i64);
+                        .min(self.max_send_frame as i64);
                     if !b.is_empty() && room <= 0 {
                         s.scheduled = false;
                         if self.conn_send_window <= 0 {
                             self.conn_blocked.push(id);
                         }
-                        return Ok(Poll::Ready(()));
+                        return true;
                     }
                     let take = (b.len() as i64).min(room.max(0)) as usize;
                     let chunk = b.split_to(take);
@@ -1063,43 +1105,113 @@ where
                     if last {
                         s.pending.pop_front();
                     }
-                    let mut d = frame::Data::new(sid, chunk);
-                    d.set_end_stream(end);
-                    (Frame::Data(d), end)
+                    let flags = if end { FLAG_END_STREAM } else { 0 };
+                    self.frame_head(chunk.len(), FRAME_DATA, flags, id);
+                    self.wbuf.put_slice(&chunk);
+                    (end, false)
                 }
                 Out::Head(..) | Out::Trailers(..) | Out::Reset(..) => match s.pending.pop_front() {
                     Some(Out::Head(parts, end)) => {
-                        let mut h = frame::Headers::new(
-                            sid,
-                            frame::Pseudo::response(parts.status),
-                            parts.headers,
-                        );
-                        if end {
-                            h.set_end_stream();
-                        }
-                        (Frame::Headers(h), end)
+                        self.hbuf.clear();
+                        hpack::status(&mut self.hbuf, parts.status);
+                        hpack::fields(&mut self.hbuf, &parts.headers);
+                        self.put_header_block(id, end);
+                        (end, false)
                     }
                     Some(Out::Trailers(t)) => {
-                        (Frame::Headers(frame::Headers::trailers(sid, t)), true)
+                        self.hbuf.clear();
+                        hpack::fields(&mut self.hbuf, &t);
+                        self.put_header_block(id, true);
+                        (true, false)
                     }
-                    Some(Out::Reset(r)) => (Frame::Reset(frame::Reset::new(sid, r)), true),
+                    Some(Out::Reset(r)) => {
+                        frame::Reset::new(StreamId::from(id), r).encode(&mut self.wbuf);
+                        (true, true)
+                    }
                     _ => continue,
                 },
             };
-            let reset = matches!(frame, Frame::Reset(_));
-            self.buffer(frame);
             if finished {
                 // Our side is closed: the stream is done. A client still sending is told
                 // to stop (RFC 9113 §8.1).
                 if let Some(s) = self.streams.remove(&id) {
                     if s.recv_open && !reset {
-                        self.control
-                            .push_back(frame::Reset::new(sid, Reason::NO_ERROR).into());
+                        self.ctl(frame::Reset::new(StreamId::from(id), Reason::NO_ERROR).into());
                     }
                     self.credit_unconsumed(&s);
                 }
-                return Ok(Poll::Ready(()));
+                return true;
             }
+        }
+    }
+}
+
+/// The HPACK encoding of response header blocks (RFC 7541): `:status 200` from the static
+/// table, every other field a literal without indexing and without Huffman coding. The
+/// dynamic table is never used, so the client's table size setting needs nothing, and a
+/// block never depends on an earlier one.
+mod hpack {
+    /// An integer with an `n`-bit prefix, the bits above it set to `flags` (§5.1).
+    fn int(out: &mut Vec<u8>, flags: u8, n: u32, mut v: usize) {
+        let max = (1usize << n) - 1;
+        if v < max {
+            out.push(flags | v as u8);
+            return;
+        }
+        out.push(flags | max as u8);
+        v -= max;
+        while v >= 128 {
+            out.push((v % 128) as u8 | 0x80);
+            v /= 128;
+        }
+        out.push(v as u8);
+    }
+
+    /// A string literal, not Huffman-coded (§5.2).
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        int(out, 0, 7, s.len());
+        out.extend_from_slice(s);
+    }
+
+    /// `:status`: indexed for 200 (static entry 8), else a literal with that entry's name.
+    pub fn status(out: &mut Vec<u8>, status: http::StatusCode) {
+        if status == http::StatusCode::OK {
+            out.push(0x88);
+        } else {
+            int(out, 0, 4, 8);
+            string(out, status.as_str().as_bytes());
+        }
+    }
+
+    /// Every field of `headers`: literal without indexing (§6.2.2), or never indexed
+    /// (§6.2.3) for sensitive values; `content-type` names static entry 31.
+    pub fn fields(out: &mut Vec<u8>, headers: &http::HeaderMap) {
+        for (name, value) in headers {
+            let flags = if value.is_sensitive() { 0x10 } else { 0x00 };
+            if name == http::header::CONTENT_TYPE {
+                int(out, flags, 4, 31);
+            } else {
+                int(out, flags, 4, 0);
+                string(out, name.as_str().as_bytes());
+            }
+            string(out, value.as_bytes());
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn integers_use_their_prefix_then_continuation_bytes() {
+            // RFC 7541 §C.1: 10 and 1337 with a 5-bit prefix, 42 with an 8-bit one.
+            let mut out = Vec::new();
+            super::int(&mut out, 0, 5, 10);
+            assert_eq!(out, [10]);
+            out.clear();
+            super::int(&mut out, 0, 5, 1337);
+            assert_eq!(out, [31, 154, 10]);
+            out.clear();
+            super::int(&mut out, 0, 8, 42);
+            assert_eq!(out, [42]);
         }
     }
 }
@@ -1156,6 +1268,7 @@ mod tests {
         }
         fn call(&mut self, req: http::Request<RecvBody>) -> Self::Future {
             Box::pin(async move {
+                let req_path = req.uri().path().to_owned();
                 let times: usize = req
                     .uri()
                     .path()
@@ -1173,6 +1286,11 @@ mod tests {
                 }
                 let mut trailers = http::HeaderMap::new();
                 trailers.insert("x-len", http::HeaderValue::from(all.len()));
+                // `/big/N`: a trailer of N bytes (header blocks over a frame).
+                if let Some(n) = req_path.strip_prefix("/big/").and_then(|n| n.parse().ok()) {
+                    let v = "v".repeat(n);
+                    trailers.insert("x-big", http::HeaderValue::from_str(&v).expect("value"));
+                }
                 let all = Bytes::from(all);
                 let chunks = (0..times).map(|_| all.clone()).collect();
                 Ok(http::Response::new(Chunks(chunks, Some(trailers))))
@@ -1308,6 +1426,24 @@ mod tests {
             .collect::<Vec<_>>()
             .into();
         calls(4, |_| (client.clone(), "/echo/3", body.clone(), 3)).await
+    }
+
+    /// A header block larger than a frame goes out as HEADERS + CONTINUATION frames, and
+    /// the client's HPACK decoder reads it back.
+    #[tokio::test]
+    async fn large_header_blocks_are_split_into_continuation_frames() -> anyhow::Result<()> {
+        let (io, _task, _stop) = server(limits());
+        let (client, conn) = h2::client::Builder::new()
+            .max_header_list_size(1 << 20)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        tokio::spawn(conn);
+        let mut c = client.clone();
+        let (got, trailers) = call(&mut c, "/big/40000", Bytes::from_static(b"abc")).await?;
+        anyhow::ensure!(got == b"abc");
+        let big = trailers.get("x-big").map(|v| v.len());
+        anyhow::ensure!(big == Some(40_000), "x-big of {big:?} bytes");
+        Ok(())
     }
 
     /// Streams beyond the limit are refused, and the ones within it still complete.

@@ -1,6 +1,5 @@
 //! Request latency per RPC, as a tower layer around the gRPC routes.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
@@ -30,7 +29,8 @@ const RPCS: &[&str] = &[
 ];
 
 struct RpcMetrics {
-    latency: HashMap<&'static str, (Histogram, Counter)>,
+    /// Latency and count of each of [`RPCS`], in its order.
+    latency: Vec<(Histogram, Counter)>,
     other: Counter,
 }
 
@@ -49,7 +49,7 @@ fn rpc_metrics() -> &'static RpcMetrics {
                         metrics::LATENCY_BUCKETS,
                     );
                     let c = r.counter("sluice_grpc_requests_total", "gRPC requests received.", &[("rpc", rpc)]);
-                    (*rpc, (h, c))
+                    (h, c)
                 })
                 .collect(),
             other: r.counter("sluice_grpc_requests_total", "gRPC requests received.", &[("rpc", "unknown")]),
@@ -75,11 +75,12 @@ pub struct MetricsService<S> {
 impl<S, B> tower::Service<http::Request<B>> for MetricsService<S>
 where
     S: tower::Service<http::Request<B>>,
-    S::Future: Send + 'static,
+    // tonic's generated services return boxed futures: polled in place, no second box.
+    S::Future: Send + Unpin + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Timed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -88,24 +89,40 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let rpc = req.uri().path().rsplit('/').next().unwrap_or_default();
         let m = rpc_metrics();
-        let hist = match m.latency.get(rpc) {
-            Some((h, c)) => {
+        let hist = match RPCS.iter().position(|r| *r == rpc) {
+            Some(i) => {
+                let (h, c) = &m.latency[i];
                 c.inc();
-                Some(h.clone())
+                Some(h)
             }
             None => {
                 m.other.inc();
                 None
             }
         };
-        let start = Instant::now();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let r = fut.await;
-            if let Some(h) = hist {
-                h.observe_duration(start.elapsed());
-            }
-            r
-        })
+        Timed {
+            start: Instant::now(),
+            hist,
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+/// A request's future that records its latency when it completes.
+pub struct Timed<F> {
+    fut: F,
+    hist: Option<&'static Histogram>,
+    start: Instant,
+}
+
+impl<F: Future + Unpin> Future for Timed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let r = std::task::ready!(Pin::new(&mut self.fut).poll(cx));
+        if let Some(h) = self.hist {
+            h.observe_duration(self.start.elapsed());
+        }
+        Poll::Ready(r)
     }
 }
