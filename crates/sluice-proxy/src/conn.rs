@@ -219,6 +219,26 @@ impl RecvBody {
     }
 }
 
+#[cfg(test)]
+impl RecvBody {
+    /// A complete body of `chunks`, for tests of what reads bodies.
+    pub(crate) fn ready(chunks: Vec<Bytes>) -> RecvBody {
+        let (events, _) = mpsc::unbounded_channel();
+        RecvBody {
+            chunks: chunks.into(),
+            rx: None,
+            id: 1,
+            uncredited: 0,
+            stream_threshold: 1 << 15,
+            shared: Arc::new(Shared {
+                events,
+                consumed: AtomicUsize::new(0),
+                credit_threshold: 1 << 16,
+            }),
+        }
+    }
+}
+
 impl http_body::Body for RecvBody {
     type Data = Bytes;
     type Error = BodyError;

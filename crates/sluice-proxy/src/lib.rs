@@ -17,6 +17,7 @@ mod pull;
 mod serve;
 mod service;
 mod transactions;
+mod unary;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -85,15 +86,17 @@ pub async fn run<M: Messaging>(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let server = MessagingServiceServer::from_arc(svc)
+    let server = MessagingServiceServer::from_arc(svc.clone())
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(64 << 20);
+    // SendMessage directly, everything else through tonic (unary.rs).
+    let router = unary::Router::new(svc, server, max_msg);
     // Our own accept loop: connection cap, handshake timeout, Nagle off per stream (or small
     // responses wait for the peer's delayed ACK, ~40 ms).
     let (incoming, acceptor) = incoming::incoming(listener, max_conns, handshake_timeout);
     serve::serve(
         incoming,
-        tower::Layer::layer(&metrics::MetricsLayer, server),
+        tower::Layer::layer(&metrics::MetricsLayer, router),
         serve::Http2Settings {
             keep_alive_interval: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(10),
