@@ -1,12 +1,14 @@
 //! One HTTP/2 connection of the gRPC listener: streams, flow control, settings, pings and
 //! shutdown, on top of h2's frame codec.
 //!
-//! Framing and header compression (frame parsing, HPACK, CONTINUATION, frame and header
-//! list size limits) are h2's `Codec`, the layer under h2's own connection. What this
-//! module replaces is the general-purpose machinery above it (h2's stream store and
-//! prioritisation queues, hyper's per-stream body pipes), which cost more CPU per unary
-//! call than the whole broker and store together (docs/benchmarks.md, "A connection state
-//! machine of our own"). It serves exactly what gRPC needs:
+//! Reading frames (parsing, HPACK decoding, CONTINUATION, frame and header list size
+//! limits) is h2's `Codec`, the layer under h2's own connection. Writing is done here:
+//! frames go straight into the connection's buffer, header blocks through a minimal HPACK
+//! encoder ([`hpack`]). What this module replaces is the general-purpose machinery above
+//! the codec (h2's stream store and prioritisation queues, hyper's per-stream body pipes),
+//! which cost more CPU per unary call than the whole broker and store together
+//! (docs/benchmarks.md, "A connection state machine of our own"). It serves exactly what
+//! gRPC needs:
 //!
 //! - Each request stream runs in a task of its own ([`respond`]): the service future,
 //!   then its response body. The task hands the connection what it produced in
@@ -21,6 +23,8 @@
 //!   for the client's windows, and a stream's task waits while more than
 //!   [`QUEUED_LIMIT`] of its output sits in the connection.
 //! - Concurrency: streams beyond `max_concurrent_streams` are refused (REFUSED_STREAM).
+//! - Backpressure on the socket: nothing more is read, and no more output encoded, while
+//!   [`WRITE_LIMIT`] of output waits for a client that does not read.
 //! - Keep-alive: after `keep_alive_interval` without a frame from the client, a PING; no
 //!   answer within `keep_alive_timeout` closes the connection.
 //! - Shutdown: GOAWAY naming the last stream taken, new streams refused, the open ones
