@@ -55,8 +55,10 @@ const DEFAULT_WINDOW: i64 = 65_535;
 /// Largest window RFC 9113 allows.
 const MAX_WINDOW: i64 = (1 << 31) - 1;
 /// A stream's task stops producing while more than this of its output waits in the
-/// connection (for the client's flow-control window or the socket).
-pub(crate) const QUEUED_LIMIT: usize = 1 << 20;
+/// connection (for the client's flow-control window or the socket): with the stream limit,
+/// what slow readers can make a connection hold (hyper's send buffer per stream had the
+/// same size).
+pub(crate) const QUEUED_LIMIT: usize = 400 << 10;
 /// Frames read in one go before the connection turns to its streams' output.
 const READ_BATCH: usize = 256;
 /// Encoded output beyond which no more is encoded (and nothing more read) until the
@@ -353,6 +355,7 @@ where
         let mut out = Vec::with_capacity(3);
         // `next` (which may hold the body's error type) does not live across the wait for
         // room below.
+        let mut gathered = 0;
         let finished = {
             let mut next = if head.is_some() && body.is_end_stream() {
                 Poll::Ready(None)
@@ -373,7 +376,16 @@ where
                             out.push(Out::Head(p, false));
                         }
                         match f.into_data() {
-                            Ok(d) => out.push(Out::Data(d, false)),
+                            Ok(d) => {
+                                gathered += d.len();
+                                out.push(Out::Data(d, false));
+                                if tx.stream.queued.load(Ordering::Relaxed) + gathered
+                                    > QUEUED_LIMIT
+                                {
+                                    // Enough for now: the rest once the connection took it.
+                                    break false;
+                                }
+                            }
                             Err(f) => {
                                 if let Ok(t) = f.into_trailers() {
                                     out.push(Out::Trailers(t));
@@ -1434,7 +1446,8 @@ mod tests {
 
     /// Request bodies far larger than the server's windows arrive whole (the server gives
     /// credit as the handler reads), and answers far larger than the client's windows wait
-    /// for the client's WINDOW_UPDATEs.
+    /// for the client's WINDOW_UPDATEs (and, being larger than [`QUEUED_LIMIT`], make the
+    /// stream's task wait for room in between).
     #[tokio::test]
     async fn flow_control_both_ways() -> anyhow::Result<()> {
         let (io, _task, _stop) = server(limits());
