@@ -1512,6 +1512,37 @@ mod tests {
         Ok(())
     }
 
+    /// A request whose header list is over the limit is answered with RESOURCE_EXHAUSTED
+    /// (trailers-only), and the connection goes on serving.
+    #[tokio::test]
+    async fn oversized_header_lists_get_resource_exhausted() -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut io, _task, _stop) = server(limits()); // header lists up to 4 KiB
+        let mut out = PREFACE.to_vec();
+        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        // :method POST, :path /echo/1, x-big: 5,000 bytes (length 5000 = 127 + 9 + 38 * 128).
+        let mut block = vec![0x83, 0x04, 0x07];
+        block.extend_from_slice(b"/echo/1");
+        block.extend_from_slice(&[0x00, 0x05]);
+        block.extend_from_slice(b"x-big");
+        block.extend_from_slice(&[0x7f, 0x89, 0x26]);
+        block.extend_from_slice(&[b'v'; 5000]);
+        let len = (block.len() as u32).to_be_bytes();
+        out.extend_from_slice(&[len[1], len[2], len[3], 1, 0x4 | 0x1, 0, 0, 0, 1]);
+        out.extend_from_slice(&block);
+        io.write_all(&out).await?;
+        let want = b"grpc-status\x01\x38";
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !seen.windows(want.len()).any(|w| w == want) {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout_at(deadline, io.read(&mut buf)).await??;
+            anyhow::ensure!(n > 0, "connection closed");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn garbage_gets_a_goaway_and_a_close() -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
