@@ -89,7 +89,7 @@ pub async fn run<M: Messaging>(
     let server = MessagingServiceServer::from_arc(svc.clone())
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(64 << 20);
-    // SendMessage directly, everything else through tonic (unary.rs).
+    // The unary RPCs directly, the streaming ones through tonic (unary.rs).
     let router = unary::Router::new(svc, server, max_msg);
     // Our own accept loop: connection cap, handshake timeout, Nagle off per stream (or small
     // responses wait for the peer's delayed ACK, ~40 ms).

@@ -4,7 +4,7 @@
 //! checked for the HTTP/2 preface, and enforces its deadlines itself (long polls answer
 //! before the client's `grpc-timeout`). Each connection is run by [`crate::conn`] (a
 //! connection state machine on h2's frame codec) and each request goes to the router of
-//! [`crate::unary`] (SendMessage directly, the rest through the generated
+//! [`crate::unary`] (the unary RPCs directly, the streaming ones through the generated
 //! `MessagingServiceServer`) behind the metrics layer only. Measured with callgrind (same
 //! load, same binary otherwise): see docs/benchmarks.md, "Serving connections on hyper"
 //! and "A connection state machine of our own".

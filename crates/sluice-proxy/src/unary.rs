@@ -1,13 +1,15 @@
-//! The request router in front of the generated gRPC server, with a direct path for
-//! unary `SendMessage`, the call every producer makes for every message.
+//! The request router in front of the generated gRPC server, with a direct path for the
+//! unary RPCs (SendMessage, AckMessage, ChangeInvisibleDuration, Heartbeat, …: every
+//! producer and consumer makes some of them for every message).
 //!
 //! tonic's generic unary handling (a streaming decoder with an 8 KiB buffer per request,
-//! an encoding body, a `Status` turned into a trailer map) costs about as much CPU as the
-//! handler itself. The direct path does what it does for one known message type: collect
-//! the request body (no copy when it arrived as one chunk), check the gRPC message prefix
-//! with tonic's rules and messages, decode with prost, call the same
-//! [`MessagingService::send_message`] handler, and answer with one ready body (headers,
-//! message, `grpc-status: 0`). Every other RPC goes to tonic unchanged.
+//! an encoding body, a `Status` turned into a trailer map) costs about as much CPU as a
+//! send's handler itself. The direct path does what it does for a known message type:
+//! collect the request body (no copy when it arrived as one chunk), check the gRPC message
+//! prefix with tonic's rules and messages, decode with prost, call the same
+//! [`MessagingService`] handler, and answer with one ready body (headers, message,
+//! `grpc-status: 0`). The streaming RPCs (ReceiveMessage, PullMessage, Telemetry) go to
+//! tonic unchanged.
 //!
 //! Same answers as through tonic, for good and bad input alike: a compressed or
 //! oversized message, an empty body or a message that does not decode get tonic's status
@@ -21,18 +23,16 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_broker::Messaging;
-use sluice_proto::prost::Message as _;
-use sluice_proto::v2;
 use sluice_proto::v2::messaging_service_server::{MessagingService, MessagingServiceServer};
 use tonic::Status;
 
 use crate::conn::RecvBody;
 use crate::service::Service;
 
-/// Path of the RPC served directly.
-const SEND_MESSAGE: &str = "/apache.rocketmq.v2.MessagingService/SendMessage";
+/// The prefix of every path of the service.
+const SERVICE: &str = "/apache.rocketmq.v2.MessagingService/";
 
-/// Routes requests: `SendMessage` directly, everything else through tonic.
+/// Routes requests: the unary RPCs directly, the streaming ones through tonic.
 pub struct Router<M: Messaging> {
     svc: Arc<Service<M>>,
     tonic: MessagingServiceServer<Service<M>>,
@@ -129,24 +129,51 @@ impl<M: Messaging> tower::Service<http::Request<RecvBody>> for Router<M> {
     }
 
     fn call(&mut self, req: http::Request<RecvBody>) -> RouterFuture {
-        if req.uri().path() == SEND_MESSAGE {
-            RouterFuture::Direct(Box::pin(send_message(
-                self.svc.clone(),
-                req,
-                self.max_message,
-            )))
-        } else {
-            RouterFuture::Tonic(tower::Service::call(&mut self.tonic, req))
+        let svc = self.svc.clone();
+        let max = self.max_message;
+        macro_rules! direct {
+            ($method:ident) => {
+                RouterFuture::Direct(Box::pin(unary(req, max, move |r| async move {
+                    svc.$method(r).await
+                })))
+            };
+        }
+        let rpc = req.uri().path().strip_prefix(SERVICE).unwrap_or_default();
+        match rpc {
+            "SendMessage" => direct!(send_message),
+            "AckMessage" => direct!(ack_message),
+            "ChangeInvisibleDuration" => direct!(change_invisible_duration),
+            "Heartbeat" => direct!(heartbeat),
+            "QueryRoute" => direct!(query_route),
+            "QueryAssignment" => direct!(query_assignment),
+            "ForwardMessageToDeadLetterQueue" => direct!(forward_message_to_dead_letter_queue),
+            "UpdateOffset" => direct!(update_offset),
+            "GetOffset" => direct!(get_offset),
+            "QueryOffset" => direct!(query_offset),
+            "EndTransaction" => direct!(end_transaction),
+            "NotifyClientTermination" => direct!(notify_client_termination),
+            "RecallMessage" => direct!(recall_message),
+            "SyncLiteSubscription" => direct!(sync_lite_subscription),
+            // Streaming RPCs, and paths tonic answers with UNIMPLEMENTED.
+            _ => RouterFuture::Tonic(tower::Service::call(&mut self.tonic, req)),
         }
     }
 }
 
-async fn send_message<M: Messaging>(
-    svc: Arc<Service<M>>,
+/// One unary call: the request message decoded from the body, `handler` called with it,
+/// its answer (or its error status, trailers-only) as the response.
+async fn unary<Req, Resp, F, Fut>(
     req: http::Request<RecvBody>,
     max_message: usize,
-) -> http::Response<RespBody> {
-    match send_message_inner(&svc, req, max_message).await {
+    handler: F,
+) -> http::Response<RespBody>
+where
+    Req: sluice_proto::prost::Message + Default,
+    Resp: sluice_proto::prost::Message,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    match unary_inner(req, max_message, handler).await {
         Ok(r) => r,
         Err(status) => status.into_http::<()>().map(|()| RespBody::Ready {
             data: None,
@@ -155,11 +182,17 @@ async fn send_message<M: Messaging>(
     }
 }
 
-async fn send_message_inner<M: Messaging>(
-    svc: &Service<M>,
+async fn unary_inner<Req, Resp, F, Fut>(
     req: http::Request<RecvBody>,
     max_message: usize,
-) -> Result<http::Response<RespBody>, Status> {
+    handler: F,
+) -> Result<http::Response<RespBody>, Status>
+where
+    Req: sluice_proto::prost::Message + Default,
+    Resp: sluice_proto::prost::Message,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
     let (parts, body) = req.into_parts();
     if let Some(enc) = parts.headers.get("grpc-encoding") {
         if enc.as_bytes() != b"identity" {
@@ -170,14 +203,13 @@ async fn send_message_inner<M: Messaging>(
         }
     }
     let message = read_message(body, max_message).await?;
-    let message =
-        v2::SendMessageRequest::decode(message).map_err(|e| Status::internal(e.to_string()))?;
+    let message = Req::decode(message).map_err(|e| Status::internal(e.to_string()))?;
     let request = tonic::Request::from_parts(
         tonic::metadata::MetadataMap::from_headers(parts.headers),
         parts.extensions,
         message,
     );
-    let answer = svc.send_message(request).await?.into_inner();
+    let answer = handler(request).await?.into_inner();
     let len = answer.encoded_len();
     let mut out = BytesMut::with_capacity(5 + len);
     out.put_u8(0);
