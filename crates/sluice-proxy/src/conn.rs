@@ -208,13 +208,40 @@ pub struct RecvBody {
 #[error("request stream reset: {0:?}")]
 pub struct BodyError(Reason);
 
+impl Shared {
+    /// Connection credit for `n` bytes the client sent; the connection is woken once the
+    /// credit not yet returned reaches its threshold.
+    fn credit(&self, n: usize) {
+        let before = self.consumed.fetch_add(n, Ordering::Relaxed);
+        let t = self.credit_threshold;
+        if before < t && before + n >= t {
+            let _ = self.events.send(Event::Credit);
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    /// What the handler left unread still counts against the connection's window: it is
+    /// credited back, or a client whose requests are not read to their end (an oversized
+    /// message, bytes after a unary message) would run the connection out of window.
+    fn drop(&mut self) {
+        let mut n: usize = self.chunks.iter().map(Bytes::len).sum();
+        if let Some(rx) = &mut self.rx {
+            // No more chunks are queued after this (the connection credits those itself).
+            rx.close();
+            while let Ok(Ok(b)) = rx.try_recv() {
+                n += b.len();
+            }
+        }
+        if n > 0 {
+            self.shared.credit(n);
+        }
+    }
+}
+
 impl RecvBody {
     fn consumed(&mut self, n: usize) {
-        let before = self.shared.consumed.fetch_add(n, Ordering::Relaxed);
-        let t = self.shared.credit_threshold;
-        if before < t && before + n >= t {
-            let _ = self.shared.events.send(Event::Credit);
-        }
+        self.shared.credit(n);
         if self.rx.is_some() {
             self.uncredited = self.uncredited.saturating_add(n as u32);
             if self.uncredited >= self.stream_threshold {
@@ -1305,6 +1332,11 @@ mod tests {
         fn call(&mut self, req: http::Request<RecvBody>) -> Self::Future {
             Box::pin(async move {
                 let req_path = req.uri().path().to_owned();
+                if req_path == "/ignore" {
+                    // Answers without reading the request body, after it has arrived.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return Ok(http::Response::new(Chunks(VecDeque::new(), None)));
+                }
                 let times: usize = req
                     .uri()
                     .path()
@@ -1480,6 +1512,33 @@ mod tests {
         anyhow::ensure!(got == b"abc");
         let big = trailers.get("x-big").map(|v| v.len());
         anyhow::ensure!(big == Some(40_000), "x-big of {big:?} bytes");
+        Ok(())
+    }
+
+    /// Request bodies their handlers never read are credited back to the connection: one
+    /// connection serves such calls far beyond its receive window.
+    #[tokio::test]
+    async fn unread_request_bodies_do_not_use_up_the_connection_window() -> anyhow::Result<()> {
+        let (io, _task, _stop) = server(limits()); // connection window 128 KiB
+        let (client, conn) = h2::client::handshake(io).await?;
+        tokio::spawn(conn);
+        for i in 0..20 {
+            // 50 KB each, sent whole (within the 64 KiB stream window), never read.
+            let req = http::Request::post("/ignore").body(())?;
+            let (resp, mut send) = client.clone().ready().await?.send_request(req, false)?;
+            send.send_data(Bytes::from(vec![7u8; 50_000]), true)?;
+            let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .map_err(|_| anyhow::anyhow!("call {i} got no answer"))??;
+            anyhow::ensure!(resp.status() == http::StatusCode::OK);
+        }
+        // Whose request body must arrive whole: only if the window was given back.
+        let mut c = client.clone();
+        let body = Bytes::from(vec![9u8; 100_000]);
+        let (got, _) = tokio::time::timeout(Duration::from_secs(5), call(&mut c, "/echo/1", body))
+            .await
+            .map_err(|_| anyhow::anyhow!("the connection ran out of window"))??;
+        anyhow::ensure!(got.len() == 100_000);
         Ok(())
     }
 
