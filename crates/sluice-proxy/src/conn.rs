@@ -916,15 +916,20 @@ where
     fn on_data(&mut self, d: frame::Data) {
         let id = u32::from(d.stream_id());
         let end = d.is_end_stream();
+        // Padding counts against the windows (RFC 9113 §6.1); it is given back at once.
+        let pad = if d.is_padded() { padding(&d) } else { 0 };
         let payload = d.into_payload();
         let len = payload.len() as i64;
-        self.conn_recv_window -= len;
+        self.conn_recv_window -= len + pad as i64;
         if self.conn_recv_window < 0 {
             self.go_away(
                 Reason::FLOW_CONTROL_ERROR,
                 Some(ConnError::Protocol(Reason::FLOW_CONTROL_ERROR)),
             );
             return;
+        }
+        if pad > 0 {
+            self.shared.credit(pad);
         }
         let Some(s) = self.streams.get_mut(&id) else {
             // A stream already gone (reset, or answered in full): its bytes are credited
@@ -947,13 +952,17 @@ where
             self.reset(id, Reason::STREAM_CLOSED);
             return;
         }
-        s.recv_window -= len;
+        s.recv_window -= len + pad as i64;
         if s.recv_window < 0 {
             self.shared
                 .consumed
                 .fetch_add(len as usize, Ordering::Relaxed);
             self.reset(id, Reason::FLOW_CONTROL_ERROR);
             return;
+        }
+        let pad_back = pad > 0 && !end;
+        if pad_back {
+            s.recv_window += pad as i64;
         }
         if len > 0 {
             if let Some(e) = &mut s.early {
@@ -974,6 +983,9 @@ where
         if end {
             s.recv_open = false;
             s.body_tx = None;
+        }
+        if pad_back {
+            self.ctl(frame::WindowUpdate::new(StreamId::from(id), pad as u32).into());
         }
     }
 
@@ -1279,6 +1291,19 @@ mod hpack {
     }
 }
 
+/// The bytes of padding a DATA frame carried (its pad length field and the padding).
+/// h2's frame type keeps the pad length private; its `Debug` output (h2 is pinned) shows
+/// it. Only padded frames get here, and gRPC clients do not pad.
+fn padding(d: &frame::Data) -> usize {
+    let shown = format!("{d:?}");
+    shown
+        .split("pad_len: ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(1, |p| p + 1)
+}
+
 /// A trailers-only gRPC answer with `code` and `message`.
 fn grpc_error(code: tonic::Code, message: &str) -> http::response::Parts {
     let mut resp = http::Response::new(());
@@ -1539,6 +1564,75 @@ mod tests {
             .await
             .map_err(|_| anyhow::anyhow!("the connection ran out of window"))??;
         anyhow::ensure!(got.len() == 100_000);
+        Ok(())
+    }
+
+    /// Padding in DATA frames counts against the windows and is given back: the connection
+    /// credit the server returns covers it, so a client that pads (and keeps to its
+    /// windows) does not run out of window.
+    #[tokio::test]
+    async fn padding_is_given_back() -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (io, _task, _stop) = server(limits()); // windows: 64 KiB stream, 128 KiB connection
+        let mut out = PREFACE.to_vec();
+        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        // One stream (:method POST, :path /echo/1), then 1,000 DATA frames of one byte and
+        // 200 bytes of padding each: 201 KB of flow-controlled data, 1,000 bytes of body.
+        let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
+        out.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x4, 0, 0, 0, 1]);
+        out.extend_from_slice(&block);
+        // The trailer `x-len: 1000` as our HPACK encoder writes it.
+        const ECHOED: &[u8] = b"x-len\x041000";
+        // The server's answers (window updates among them) are read meanwhile.
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                // The echo's trailers carry x-len: 1000.
+                if seen.windows(ECHOED.len()).any(|w| w == ECHOED) {
+                    break;
+                }
+            }
+            seen
+        });
+        wr.write_all(&out).await?;
+        for i in 0..1000 {
+            let flags = 0x8 | if i == 999 { 0x1 } else { 0 }; // PADDED (| END_STREAM)
+            let mut f = vec![0, 0, 202, 0, flags, 0, 0, 0, 1, 200, b'x'];
+            f.extend_from_slice(&[0u8; 200]);
+            wr.write_all(&f).await?;
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .map_err(|_| anyhow::anyhow!("the echo never came"))??;
+        anyhow::ensure!(
+            seen.windows(ECHOED.len()).any(|w| w == ECHOED),
+            "no complete echo"
+        );
+        // The connection credit the server returned beyond its opening WINDOW_UPDATE: the
+        // padding (200 KB) less what waits below the credit threshold (64 KiB).
+        let mut at = 0;
+        let mut credit = Vec::new();
+        while at + 9 <= seen.len() {
+            let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
+            let stream =
+                u32::from_be_bytes([seen[at + 5], seen[at + 6], seen[at + 7], seen[at + 8]]);
+            if seen[at + 3] == 8 && stream == 0 && at + 13 <= seen.len() {
+                let p = &seen[at + 9..at + 13];
+                credit.push(u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+            }
+            at += 9 + len;
+        }
+        let returned: u32 = credit.iter().skip(1).sum();
+        anyhow::ensure!(
+            returned >= 100_000,
+            "connection credit returned: {credit:?}"
+        );
         Ok(())
     }
 
