@@ -1567,6 +1567,30 @@ mod tests {
         Ok(())
     }
 
+    /// What a raw client sends first: the preface and an empty SETTINGS frame.
+    fn raw_start() -> Vec<u8> {
+        let mut out = PREFACE.to_vec();
+        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        out
+    }
+
+    /// Reads from `io` until `want` has been seen (5 s at most); returns all that was read.
+    async fn read_until(
+        io: &mut (impl tokio::io::AsyncRead + Unpin),
+        want: &[u8],
+    ) -> anyhow::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt as _;
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !seen.windows(want.len()).any(|w| w == want) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, io.read(&mut buf)).await??;
+            anyhow::ensure!(n > 0, "connection closed before {want:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(seen)
+    }
+
     /// Padding in DATA frames counts against the windows and is given back: the connection
     /// credit the server returns covers it, so a client that pads (and keeps to its
     /// windows) does not run out of window.
@@ -1574,8 +1598,7 @@ mod tests {
     async fn padding_is_given_back() -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (io, _task, _stop) = server(limits()); // windows: 64 KiB stream, 128 KiB connection
-        let mut out = PREFACE.to_vec();
-        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let mut out = raw_start();
         // One stream (:method POST, :path /echo/1), then 1,000 DATA frames of one byte and
         // 200 bytes of padding each: 201 KB of flow-controlled data, 1,000 bytes of body.
         let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
@@ -1639,12 +1662,11 @@ mod tests {
     /// Streams beyond the limit are refused, and the ones within it still complete.
     #[tokio::test]
     async fn streams_beyond_the_limit_are_refused() -> anyhow::Result<()> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::io::AsyncWriteExt as _;
         let mut l = limits();
         l.max_concurrent_streams = 1;
         let (mut io, _task, _stop) = server(l);
-        let mut out = PREFACE.to_vec();
-        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+        let mut out = raw_start();
         // Two requests (HEADERS without END_STREAM): :method POST, :path /echo/1.
         for id in [1u8, 3] {
             let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
@@ -1653,15 +1675,7 @@ mod tests {
         }
         io.write_all(&out).await?;
         // Stream 3 is refused: RST_STREAM(REFUSED_STREAM) on stream 3.
-        let mut seen = Vec::new();
-        let refused = [0u8, 0, 4, 3, 0, 0, 0, 0, 3, 0, 0, 0, 7];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !seen.windows(refused.len()).any(|w| w == refused) {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout_at(deadline, io.read(&mut buf)).await??;
-            anyhow::ensure!(n > 0, "connection closed");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut io, &[0, 0, 4, 3, 0, 0, 0, 0, 3, 0, 0, 0, 7]).await?;
         Ok(())
     }
 
@@ -1669,10 +1683,9 @@ mod tests {
     /// (trailers-only), and the connection goes on serving.
     #[tokio::test]
     async fn oversized_header_lists_get_resource_exhausted() -> anyhow::Result<()> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::io::AsyncWriteExt as _;
         let (mut io, _task, _stop) = server(limits()); // header lists up to 4 KiB
-        let mut out = PREFACE.to_vec();
-        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let mut out = raw_start();
         // :method POST, :path /echo/1, x-big: 5,000 bytes (length 5000 = 127 + 9 + 38 * 128).
         let mut block = vec![0x83, 0x04, 0x07];
         block.extend_from_slice(b"/echo/1");
@@ -1684,15 +1697,7 @@ mod tests {
         out.extend_from_slice(&[len[1], len[2], len[3], 1, 0x4 | 0x1, 0, 0, 0, 1]);
         out.extend_from_slice(&block);
         io.write_all(&out).await?;
-        let want = b"grpc-status\x01\x38";
-        let mut seen = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !seen.windows(want.len()).any(|w| w == want) {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout_at(deadline, io.read(&mut buf)).await??;
-            anyhow::ensure!(n > 0, "connection closed");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut io, b"grpc-status\x01\x38").await?;
         Ok(())
     }
 
@@ -1700,8 +1705,7 @@ mod tests {
     async fn garbage_gets_a_goaway_and_a_close() -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (mut io, task, _stop) = server(limits());
-        let mut out = PREFACE.to_vec();
-        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let mut out = raw_start();
         // A DATA frame on stream 0 is a connection error.
         out.extend_from_slice(&[0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff]);
         io.write_all(&out).await?;
@@ -1724,9 +1728,7 @@ mod tests {
         l.keep_alive_interval = Duration::from_millis(50);
         l.keep_alive_timeout = Duration::from_millis(50);
         let (mut io, task, _stop) = server(l);
-        let mut out = PREFACE.to_vec();
-        out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-        io.write_all(&out).await?;
+        io.write_all(&raw_start()).await?;
         let r = tokio::time::timeout(Duration::from_secs(5), task).await??;
         anyhow::ensure!(matches!(r, Err(ConnError::KeepAliveTimeout)), "{r:?}");
         Ok(())
