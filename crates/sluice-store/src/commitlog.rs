@@ -90,6 +90,18 @@ impl CommitLog {
         self.segments.read().last().cloned()
     }
 
+    /// The segments holding any byte of `[from, to)`, oldest first. Segment *i* holds
+    /// `[start_i, start_i+1)`, the last one everything from its start.
+    pub fn segments_overlapping(&self, from: u64, to: u64) -> Vec<Arc<Segment>> {
+        let segs = self.segments.read();
+        let first = segs.partition_point(|s| s.start <= from).saturating_sub(1);
+        segs[first..]
+            .iter()
+            .take_while(|s| s.start < to)
+            .cloned()
+            .collect()
+    }
+
     /// The segment holding `offset`.
     pub fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
         let segs = self.segments.read();

@@ -155,6 +155,24 @@ type Reply = oneshot::Sender<Result<Vec<AppendResult>, StoreError>>;
 struct Request {
     msgs: Vec<AppendMessage>,
     reply: Reply,
+    /// When it was submitted: the append-latency metric is observed where the answer is
+    /// sent, with one clock read per batch there (one per append fewer than timing it in
+    /// `append`, and no two runtime threads adding to the histogram at once).
+    at: Instant,
+}
+
+/// An answer waiting to be sent: the reply, its request's submit time, the result.
+type Pending = (Reply, Instant, Result<Vec<AppendResult>, StoreError>);
+
+/// Sends the answers of a batch, observing the append latency of the successful ones.
+fn answer(shared: &Shared, replies: Vec<Pending>) {
+    let now = Instant::now();
+    for (reply, at, r) in replies {
+        if r.is_ok() {
+            shared.metrics.append.observe_duration(now - at);
+        }
+        let _ = reply.send(r);
+    }
 }
 
 /// Writer → flusher: enough unflushed bytes have accumulated (Async).
@@ -166,7 +184,7 @@ struct SyncJob {
     end: u64,
     /// Queues and the offsets that become visible once the batch is durable.
     visible: Vec<(Arc<ConsumeQueue>, u64)>,
-    replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)>,
+    replies: Vec<Pending>,
 }
 
 struct Shared {
@@ -360,14 +378,9 @@ impl Shared {
 
     /// fdatasyncs every segment holding bytes in `[from, to)`, oldest first.
     fn sync_clog(&self, from: u64, to: u64) -> Result<(), StoreError> {
-        for seg in self.clog.segments() {
-            let len = seg
-                .file
-                .len()
-                .map_err(|e| StoreError::io("stat segment", &seg.path, e))?;
-            if !(seg.start < to && seg.start + len > from) {
-                continue;
-            }
+        // Only the segments the range touches (one, or two across a roll): a scan of every
+        // segment cost a copy of the list and an fstat per segment on every group commit.
+        for seg in self.clog.segments_overlapping(from, to) {
             let n = self.syncs_in_flight.fetch_add(1, Ordering::AcqRel) + 1;
             self.max_syncs_in_flight.fetch_max(n, Ordering::AcqRel);
             let t = Instant::now();
@@ -783,7 +796,6 @@ impl Store {
     /// Appends messages; resolves once they are stored according to the flush policy. The
     /// messages of one call are stored contiguously and in order.
     pub async fn append(&self, msgs: Vec<AppendMessage>) -> Result<Vec<AppendResult>, StoreError> {
-        let t = Instant::now();
         let rx = match &self.inline {
             Some(c) => {
                 let (rx, leader) = self.queue_inline(c, msgs)?;
@@ -804,9 +816,7 @@ impl Store {
             }
             None => self.submit(msgs)?,
         };
-        let r = rx.await.map_err(|_| StoreError::Closed)?;
-        self.shared.metrics.append.observe_duration(t.elapsed());
-        r
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Blocking form of [`Store::append`] for threads outside an async runtime.
@@ -834,7 +844,12 @@ impl Store {
         let tx = self.tx.read();
         let tx = tx.as_ref().ok_or(StoreError::Closed)?;
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if tx.send(Request { msgs, reply }).is_err() {
+        let req = Request {
+            msgs,
+            reply,
+            at: Instant::now(),
+        };
+        if tx.send(req).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(StoreError::Closed);
         }
@@ -862,7 +877,11 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         let mut q = c.queue.lock();
         let leader = q.is_empty();
-        q.push(Request { msgs, reply });
+        q.push(Request {
+            msgs,
+            reply,
+            at: Instant::now(),
+        });
         Ok((rx, leader))
     }
 
@@ -1499,7 +1518,7 @@ impl Writer {
             // Only when the syncer thread is gone (it panicked): never acknowledge.
             self.shared.awaiting_sync.fetch_sub(n, Ordering::AcqRel);
             self.shared.fence("the syncer thread stopped".into());
-            for (reply, _) in job.replies {
+            for (reply, _, _) in job.replies {
                 let _ = reply.send(Err(StoreError::Fenced("the syncer thread stopped".into())));
             }
         }
@@ -1611,6 +1630,9 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let mut touched: Vec<usize> = Vec::new();
         let mut idx_items = Vec::new();
+        // One clock read per batch: the records of a batch are stored in the same few
+        // microseconds, and the clock read per record was ≈ 1% of the CPU of an append.
+        let now_ms = self.shared.clock.now_ms();
         for req in batch {
             if let Err(e) = req.msgs.iter().try_for_each(|m| {
                 validate_resource_name(&m.topic)
@@ -1650,7 +1672,7 @@ impl Writer {
                 }
                 let queue_offset = wq.next;
                 wq.next += 1;
-                let store_ts = self.shared.clock.now_ms().max(self.last_ts);
+                let store_ts = now_ms.max(self.last_ts);
                 self.last_ts = store_ts;
                 let at = Placement {
                     queue_offset,
@@ -1727,17 +1749,18 @@ impl Writer {
             .iter()
             .map(|&qi| (self.queues[qi].cq.clone(), self.queues[qi].next))
             .collect();
-        let replies: Vec<(Reply, Result<Vec<AppendResult>, StoreError>)> =
-            batch.into_iter().map(|r| r.reply).zip(results).collect();
+        let replies: Vec<Pending> = batch
+            .into_iter()
+            .zip(results)
+            .map(|(q, r)| (q.reply, q.at, r))
+            .collect();
         match self.shared.config.flush {
             FlushPolicy::Async { bytes, .. } => {
                 for (q, next) in &visible {
                     q.visible.fetch_max(*next, Ordering::AcqRel);
                     self.shared.notify(q, *next);
                 }
-                for (reply, r) in replies {
-                    let _ = reply.send(r);
-                }
+                answer(&self.shared, replies);
                 self.unflushed += self.buf.len() as u64;
                 if self.unflushed >= bytes {
                     self.unflushed = 0;
@@ -1817,9 +1840,7 @@ fn sync_and_answer(shared: &Shared, jobs: Vec<SyncJob>) {
                     q.visible.fetch_max(*next, Ordering::AcqRel);
                     shared.notify(q, *next);
                 }
-                for (reply, r) in j.replies {
-                    let _ = reply.send(r);
-                }
+                answer(shared, j.replies);
             }
         }
         Err(e) => {
@@ -1829,7 +1850,7 @@ fn sync_and_answer(shared: &Shared, jobs: Vec<SyncJob>) {
             shared.fence(e.to_string());
             let why = shared.fenced.lock().clone().unwrap_or_default();
             for j in jobs {
-                for (reply, r) in j.replies {
+                for (reply, _, r) in j.replies {
                     let _ = reply.send(r.and(Err(StoreError::Fenced(why.clone()))));
                 }
             }
