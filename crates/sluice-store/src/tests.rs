@@ -58,48 +58,60 @@ fn read_all(s: &Store, topic: &str, q: u32) -> Vec<StoredMessage> {
     }
 }
 
+/// Appends `batches` batches of `per_batch` messages to queue 0 of `topic`, message `i`
+/// with body `body(i)`; returns how many.
+fn append_bodies(
+    s: &Store,
+    topic: &str,
+    batches: u64,
+    per_batch: u64,
+    body: impl Fn(u64) -> Bytes,
+) -> u64 {
+    for b in 0..batches {
+        let batch = (b * per_batch..(b + 1) * per_batch)
+            .map(|i| AppendMessage {
+                body: body(i),
+                ..msg(topic, 0, i)
+            })
+            .collect();
+        s.append_blocking(batch).expect("append");
+    }
+    batches * per_batch
+}
+
+/// Queue 0 of `topic` holds exactly `n` messages, message `i` with body `body(i)`.
+fn assert_bodies(s: &Store, topic: &str, n: u64, body: impl Fn(u64) -> Bytes) {
+    let got = read_all(s, topic, 0);
+    assert_eq!(got.len() as u64, n);
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.body, body(i as u64), "record {i}");
+    }
+}
+
 /// Bodies from empty to 70 KB in batches that cross segment boundaries: every record reads
 /// back intact, before and after a full verification on reopen.
 #[test]
 fn bodies_of_every_size_across_segments_read_back_intact() {
+    let body = |i: u64| {
+        let len = [0usize, 1, 100, 511, 512, 513, 1024, 4000, 70_000][(i % 9) as usize];
+        Bytes::from(vec![(i % 251) as u8; len])
+    };
     for flush in [FlushPolicy::Sync, ASYNC] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let body = |i: u64| {
-            let len = [0usize, 1, 100, 511, 512, 513, 1024, 4000, 70_000][(i % 9) as usize];
-            Bytes::from(vec![(i % 251) as u8; len])
-        };
-        let mut n = 0u64;
-        {
+        let n = {
             let s = open(dir.path(), flush);
             // ≈ 2.4 MiB over 1 MiB segments.
-            for _ in 0..40 {
-                let batch: Vec<AppendMessage> = (0..9)
-                    .map(|_| {
-                        let mut m = msg("big", 0, n);
-                        m.body = body(n);
-                        n += 1;
-                        m
-                    })
-                    .collect();
-                s.append_blocking(batch).expect("append");
-            }
-            let got = read_all(&s, "big", 0);
-            assert_eq!(got.len() as u64, n);
-            for (i, m) in got.iter().enumerate() {
-                assert_eq!(m.body, body(i as u64), "record {i}");
-            }
+            let n = append_bodies(&s, "big", 40, 9, body);
+            assert_bodies(&s, "big", n, body);
             assert!(s.stats().written_offset > 2 << 20);
-        }
+            n
+        };
         std::fs::remove_file(dir.path().join("checkpoint")).expect("drop checkpoint");
         let s = open(dir.path(), flush);
         let rep = s.recovery_report();
         assert_eq!(rep.dropped_bytes, 0, "{rep:?}");
         assert!(rep.records_replayed >= n, "{rep:?}");
-        let got = read_all(&s, "big", 0);
-        assert_eq!(got.len() as u64, n);
-        for (i, m) in got.iter().enumerate() {
-            assert_eq!(m.body, body(i as u64), "record {i} after reopen");
-        }
+        assert_bodies(&s, "big", n, body);
     }
 }
 
@@ -468,19 +480,8 @@ fn power_loss_keeps_sync_acks_across_segment_rolls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s, _faults, fs) = faulty(dir.path(), FlushPolicy::Sync);
     let body = |i: u64| Bytes::from(vec![(i % 251) as u8; 90_000 + (i as usize % 7) * 1000]);
-    let mut n = 0u64;
     // ≈ 4.6 MiB in batches of 5 records (≈ 450 KB) over 1 MiB segments.
-    for _ in 0..10 {
-        let batch = (0..5)
-            .map(|_| {
-                let mut m = msg("r", 0, n);
-                m.body = body(n);
-                n += 1;
-                m
-            })
-            .collect();
-        s.append_blocking(batch).expect("append");
-    }
+    let n = append_bodies(&s, "r", 10, 5, body);
     drop(s);
     fs.lose_unsynced().expect("power loss");
     let s = Store::open_with(
@@ -489,11 +490,7 @@ fn power_loss_keeps_sync_acks_across_segment_rolls() {
         Arc::new(SystemClock),
     )
     .expect("reopen");
-    let got = read_all(&s, "r", 0);
-    assert_eq!(got.len() as u64, n);
-    for (i, m) in got.iter().enumerate() {
-        assert_eq!(m.body, body(i as u64), "record {i}");
-    }
+    assert_bodies(&s, "r", n, body);
 }
 
 #[test]
