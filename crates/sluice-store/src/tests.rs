@@ -335,6 +335,18 @@ fn faulty(dir: &std::path::Path, flush: FlushPolicy) -> (Store, Arc<Faults>, Arc
     (s, faults, fs)
 }
 
+/// Simulates a power loss (un-synced bytes vanish) on a store already dropped, and opens it
+/// again through the same faulty file system.
+fn lose_power_and_reopen(dir: &std::path::Path, fs: Arc<FaultyFs<StdFs>>) -> Store {
+    fs.lose_unsynced().expect("power loss");
+    Store::open_with(
+        StoreConfig::small(dir),
+        Arc::new(FsRef(fs)),
+        Arc::new(SystemClock),
+    )
+    .expect("reopen")
+}
+
 struct FsRef(Arc<FaultyFs<StdFs>>);
 impl Vfs for FsRef {
     fn open(&self, p: &std::path::Path, c: bool) -> std::io::Result<Arc<dyn VFile>> {
@@ -428,13 +440,7 @@ fn write_error_fences_and_nothing_partial_is_visible() {
     assert!(s.append_blocking(vec![msg("t", 0, 5)]).is_err());
     assert_eq!(s.queue_offsets("t", 0), (0, 5));
     drop(s);
-    fs.lose_unsynced().expect("power loss");
-    let s = Store::open_with(
-        StoreConfig::small(dir.path()),
-        Arc::new(FsRef(fs)),
-        Arc::new(SystemClock),
-    )
-    .expect("reopen");
+    let s = lose_power_and_reopen(dir.path(), fs);
     assert_eq!(read_all(&s, "t", 0).len(), 5);
 }
 
@@ -457,13 +463,7 @@ fn power_loss_keeps_every_sync_ack() {
     }
     // Simulate a crash: writer and flusher stop, un-synced bytes vanish.
     drop(Arc::try_unwrap(s).ok().expect("sole owner"));
-    fs.lose_unsynced().expect("power loss");
-    let s = Store::open_with(
-        StoreConfig::small(dir.path()),
-        Arc::new(FsRef(fs)),
-        Arc::new(SystemClock),
-    )
-    .expect("reopen");
+    let s = lose_power_and_reopen(dir.path(), fs);
     for t in 0..4 {
         let got = read_all(&s, "p", t);
         assert_eq!(got.len(), 50);
@@ -483,13 +483,7 @@ fn power_loss_keeps_sync_acks_across_segment_rolls() {
     // ≈ 4.6 MiB in batches of 5 records (≈ 450 KB) over 1 MiB segments.
     let n = append_bodies(&s, "r", 10, 5, body);
     drop(s);
-    fs.lose_unsynced().expect("power loss");
-    let s = Store::open_with(
-        StoreConfig::small(dir.path()),
-        Arc::new(FsRef(fs)),
-        Arc::new(SystemClock),
-    )
-    .expect("reopen");
+    let s = lose_power_and_reopen(dir.path(), fs);
     assert_bodies(&s, "r", n, body);
 }
 
