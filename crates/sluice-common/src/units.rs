@@ -1,4 +1,4 @@
-//! Human units: `64MiB`, `1GB`, `30s`, `250ms`, `2h`.
+//! Human units: `64MiB`, `1GB`, `30s`, `250ms`, `20us`, `2h`.
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use std::time::Duration;
 pub enum UnitError {
     #[error("{0:?} is not a size (examples: 512, 64KiB, 16MiB, 1GiB, 10MB)")]
     BadSize(String),
-    #[error("{0:?} is not a duration (examples: 250ms, 30s, 5m, 2h, 7d)")]
+    #[error("{0:?} is not a duration (examples: 250ms, 30s, 5m, 2h, 7d, 20us)")]
     BadDuration(String),
 }
 
@@ -36,19 +36,20 @@ pub fn parse_bytes(s: &str) -> Result<u64, UnitError> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-/// Parses a duration with one unit suffix (`ms`, `s`, `m`, `h`, `d`).
+/// Parses a duration with one unit suffix (`us` or `µs`, `ms`, `s`, `m`, `h`, `d`).
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let bad = || UnitError::BadDuration(s.to_string());
     let (n, unit) = split_number(s).ok_or_else(bad)?;
-    let ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
+    let us: u64 = match unit {
+        "us" | "µs" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" | "min" => 60_000_000,
+        "h" => 3_600_000_000,
+        "d" => 86_400_000_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+    n.checked_mul(us).map(Duration::from_micros).ok_or_else(bad)
 }
 
 /// Formats a byte count with a binary suffix, e.g. `1.5 GiB`.
@@ -86,6 +87,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("20us"), Ok(Duration::from_micros(20)));
+        assert_eq!(parse_duration("20µs"), Ok(Duration::from_micros(20)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("18446744073709551615d").is_err());
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("30").is_err());

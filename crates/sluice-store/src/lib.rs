@@ -81,6 +81,11 @@ pub struct StoreConfig {
     /// (one thread wake-up fewer per group commit). Larger groups go to the syncer, so that
     /// writing the next group overlaps the fdatasync of this one. Zero turns it off.
     pub inline_sync_max: usize,
+    /// Sync only: after a group commit it synced itself, how long the writer polls for the
+    /// next append before it sleeps. The appenders just answered come back within tens of
+    /// microseconds, while waking a sleeping thread costs about as much again on a VM; the
+    /// spin takes at most this much of one core per group commit. Zero sleeps at once.
+    pub inline_sync_spin: Duration,
 }
 
 impl StoreConfig {
@@ -102,6 +107,7 @@ impl StoreConfig {
             group_commit_wait: Duration::from_millis(1),
             zero_ahead: 8 << 20,
             inline_sync_max: 64,
+            inline_sync_spin: Duration::from_micros(20),
         }
     }
 

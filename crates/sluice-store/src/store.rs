@@ -30,8 +30,10 @@
 //! sizes adapt to the load. A pipeline pays a thread hand-off per group commit, which a
 //! small group cannot hide: with few appenders nothing is written during the fdatasync
 //! anyway. So when the syncer holds nothing and the group has at most `inline_sync_max`
-//! appends, the writer waits for the cohort (below) and runs the fdatasync itself. The
-//! syncer is fed only by the writer, so in Sync mode the commit log is synced by the syncer
+//! appends, the writer waits for the cohort (below) and runs the fdatasync itself; after
+//! answering it polls for the next append for up to `inline_sync_spin` before it sleeps,
+//! because the appenders just answered come back within about that long and waking a
+//! sleeping thread would cost as much again. The syncer is fed only by the writer, so in Sync mode the commit log is synced by the syncer
 //! or by the writer while the syncer is idle, and at most one fdatasync of it is ever in
 //! flight.
 //!
@@ -1429,11 +1431,19 @@ impl Writer {
 
     fn run(mut self, rx: mpsc::Receiver<Request>) {
         let max = self.shared.config.max_batch_bytes;
-        while let Ok(first) = rx.recv() {
+        let mut synced_here = false;
+        loop {
+            // After a group commit synced here, its appenders come back within tens of
+            // microseconds: poll for them a little before sleeping (see `inline_sync_spin`).
+            let next = match synced_here {
+                true => spin_recv(&rx, self.shared.config.inline_sync_spin),
+                false => None,
+            };
+            let Some(first) = next.or_else(|| rx.recv().ok()) else {
+                break;
+            };
             self.take(first, &rx, max);
-            if !self.jobs.is_empty() {
-                self.dispatch(&rx, max);
-            }
+            synced_here = !self.jobs.is_empty() && self.dispatch(&rx, max);
         }
         if let Some(z) = &self.zero {
             z.stop();
@@ -1469,7 +1479,8 @@ impl Writer {
     /// waits for the rest of the cohort as the syncer would (see *Cohorts*), writing what
     /// arrives, and runs the one fdatasync itself. The syncer is fed only from here, so it
     /// stays idle meanwhile and at most one fdatasync of the commit log is in flight.
-    fn dispatch(&mut self, rx: &mpsc::Receiver<Request>, max: usize) {
+    /// Returns whether the group was synced here.
+    fn dispatch(&mut self, rx: &mpsc::Receiver<Request>, max: usize) -> bool {
         let limit = self.shared.config.inline_sync_max;
         let count = |jobs: &[SyncJob]| jobs.iter().map(|j| j.replies.len()).sum::<usize>();
         let mut n = count(&self.jobs);
@@ -1481,7 +1492,7 @@ impl Writer {
             for job in std::mem::take(&mut self.jobs) {
                 self.hand_over(job);
             }
-            return;
+            return false;
         }
         if n < expected {
             let last = Duration::from_nanos(self.shared.last_fsync_nanos.load(Ordering::Relaxed));
@@ -1504,6 +1515,7 @@ impl Writer {
         sync_and_answer(&self.shared, jobs);
         let next = n + self.shared.queued.load(Ordering::Acquire) as usize;
         self.shared.cohort.store(next as u64, Ordering::Release);
+        true
     }
 
     /// Sync: hands a written batch to the syncer thread.
@@ -1776,6 +1788,22 @@ impl Writer {
     }
 }
 
+/// Polls `rx` for up to `spin`; None when nothing arrived (or the channel closed).
+fn spin_recv<T>(rx: &mpsc::Receiver<T>, spin: Duration) -> Option<T> {
+    if spin.is_zero() {
+        return None;
+    }
+    let until = Instant::now() + spin;
+    loop {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if Instant::now() >= until => return None,
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+}
+
 /// Sync mode: makes written batches durable with one fdatasync per group, then publishes
 /// and acknowledges them (see *Cohorts* in the module docs for the wait).
 fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Sender<Kick>) {
@@ -1897,5 +1925,35 @@ fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Kick>) {
         if stop {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod spin_tests {
+    use super::*;
+
+    #[test]
+    fn spin_recv_takes_what_arrives_during_the_spin_and_gives_up_after_it() {
+        let (tx, rx) = mpsc::channel::<u32>();
+        // Nothing spins with a zero budget, even when something is queued.
+        tx.send(1).expect("send");
+        assert_eq!(spin_recv(&rx, Duration::ZERO), None);
+        assert_eq!(spin_recv(&rx, Duration::from_millis(1)), Some(1));
+        // Empty: gives up once the budget is spent.
+        let t = Instant::now();
+        assert_eq!(spin_recv(&rx, Duration::from_millis(2)), None);
+        assert!(t.elapsed() >= Duration::from_millis(2));
+        // A value sent by another thread during the spin is taken.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            tx.send(7).expect("send");
+            tx
+        });
+        assert_eq!(spin_recv(&rx, Duration::from_secs(60)), Some(7));
+        // Closed: no wait.
+        drop(sender.join().expect("join"));
+        let t = Instant::now();
+        assert_eq!(spin_recv(&rx, Duration::from_secs(60)), None);
+        assert!(t.elapsed() < Duration::from_secs(60));
     }
 }

@@ -63,23 +63,29 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// A duration written with a unit: `250ms`, `30s`, `5m`, `2h`, `7d`.
+/// A duration written with a unit: `20us`, `250ms`, `30s`, `5m`, `2h`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms == 0 {
+        let us = self.0.as_micros();
+        if us == 0 {
             return f.write_str("0s");
         }
-        const UNITS: [(&str, u128); 4] = [("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+        const UNITS: [(&str, u128); 5] = [
+            ("h", 3_600_000_000),
+            ("m", 60_000_000),
+            ("s", 1_000_000),
+            ("ms", 1_000),
+            ("us", 1),
+        ];
         let (unit, m) = UNITS
             .iter()
-            .find(|(_, m)| ms.is_multiple_of(*m))
+            .find(|(_, m)| us.is_multiple_of(*m))
             .copied()
-            .unwrap_or(("ms", 1));
-        write!(f, "{}{unit}", ms / m)
+            .unwrap_or(("us", 1));
+        write!(f, "{}{unit}", us / m)
     }
 }
 
@@ -360,6 +366,9 @@ section! {
         /// Sync flush: group commits of at most this many appends are synced by the writer
         /// thread itself while the syncer is idle; `0` hands every one to the syncer.
         inline_sync_max: u32 = u32::try_from(lib_store().inline_sync_max).unwrap_or(u32::MAX),
+        /// Sync flush: after a group commit it synced itself, how long the writer thread
+        /// polls for the next append before it sleeps; `0s` sleeps at once.
+        inline_sync_spin: HumanDuration = HumanDuration(lib_store().inline_sync_spin),
     }
 }
 
@@ -749,6 +758,7 @@ impl Config {
             group_commit_wait: s.group_commit_wait.0,
             zero_ahead: s.zero_ahead.0,
             inline_sync_max: s.inline_sync_max as usize,
+            inline_sync_spin: s.inline_sync_spin.0,
             ..StoreConfig::new(&self.server.data_dir)
         }
     }
@@ -1181,6 +1191,11 @@ mod tests {
         assert_eq!(
             HumanDuration(Duration::from_millis(500)).to_string(),
             "500ms"
+        );
+        assert_eq!(HumanDuration(Duration::from_micros(20)).to_string(), "20us");
+        assert_eq!(
+            HumanDuration(Duration::from_micros(1500)).to_string(),
+            "1500us"
         );
     }
 
