@@ -679,6 +679,14 @@ impl Config {
                 "must be positive; \"off\" keeps messages until disk_budget needs room".into(),
             );
         }
+        if st.inline_sync_spin.0 > Duration::from_millis(1) {
+            bad(
+                "[store] inline_sync_spin",
+                "must be at most 1ms: the writer spends up to this much of a core after every \
+                 group commit it syncs itself"
+                    .into(),
+            );
+        }
         if st.disk_budget.is_some_and(|b| b < st.segment_size) {
             bad(
                 "[store] disk_budget",
@@ -1124,7 +1132,8 @@ mod tests {
     fn cross_field_rules() {
         let errs = errors(load_str(
             "[server]\nadmin_listen = \"127.0.0.1:8081\"\nworker_threads = 5000\n[store]\nsegment_size = \"4MiB\"\n\
-             max_message_size = \"8MiB\"\nretention = \"0s\"\n[broker]\nmax_body_size = \"16MiB\"\n",
+             max_message_size = \"8MiB\"\nretention = \"0s\"\ninline_sync_spin = \"5ms\"\n\
+             [broker]\nmax_body_size = \"16MiB\"\n",
             &[],
         ));
         for needle in [
@@ -1133,6 +1142,7 @@ mod tests {
             "exceeds segment_size",
             "must exceed [broker] max_body_size",
             "[store] retention",
+            "[store] inline_sync_spin",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),
