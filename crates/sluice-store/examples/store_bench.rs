@@ -9,6 +9,7 @@
 //!     [--inline-sync N]      (the store's `inline_sync_max`; default its own, 0 turns it off)
 //!     [--group-commit-wait-us N]  (the store's `group_commit_wait`; default its own)
 //!     [--inline-sync-spin-us N]   (the store's `inline_sync_spin`; default its own, 0 turns it off)
+//!     [--segment-mib N]      (the store's `segment_size`; default its own, 1 GiB)
 //! ```
 //!
 //! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
@@ -86,11 +87,15 @@ fn parse_args() -> anyhow::Result<Args> {
             "--inline-sync-spin-us" => {
                 let _ = INLINE_SPIN.set(Duration::from_micros(v()?.parse()?));
             }
+            "--segment-mib" => {
+                let _ = SEGMENT.set(v()?.parse::<u64>()? << 20);
+            }
             "--help" | "-h" => {
                 println!(
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
                      [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--zero-ahead BYTES]\n    \
-                     [--inline-sync N] [--group-commit-wait-us N] [--inline-sync-spin-us N]\n\
+                     [--inline-sync N] [--group-commit-wait-us N] [--inline-sync-spin-us N]\n    \
+                     [--segment-mib N]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);
@@ -109,6 +114,8 @@ static INLINE_SYNC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 static GROUP_WAIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
 /// `--inline-sync-spin-us`: overrides the store's default.
 static INLINE_SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+/// `--segment-mib`: overrides the store's default segment size.
+static SEGMENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -302,6 +309,9 @@ fn append_run(
     }
     if let Some(s) = INLINE_SPIN.get() {
         cfg.inline_sync_spin = *s;
+    }
+    if let Some(s) = SEGMENT.get() {
+        cfg.segment_size = *s;
     }
     let store = Arc::new(open_store(cfg, fsync_delay_ms)?);
     let t0 = Instant::now();
