@@ -33,9 +33,9 @@
 //! appends, the writer waits for the cohort (below) and runs the fdatasync itself; after
 //! answering it polls for the next append for up to `inline_sync_spin` before it sleeps,
 //! because the appenders just answered come back within about that long and waking a
-//! sleeping thread would cost as much again. The syncer is fed only by the writer, so in Sync mode the commit log is synced by the syncer
-//! or by the writer while the syncer is idle, and at most one fdatasync of it is ever in
-//! flight.
+//! sleeping thread would cost as much again. The syncer is fed only by the writer, so in
+//! Sync mode the commit log is synced by the syncer or by the writer while the syncer is
+//! idle, and at most one fdatasync of it is ever in flight.
 //!
 //! Cohorts. With a fixed set of appenders that each wait for their answer, syncs split the
 //! appenders into cohorts that take turns: the ones answered last come back a few
@@ -1435,9 +1435,10 @@ impl Writer {
         loop {
             // After a group commit synced here, its appenders come back within tens of
             // microseconds: poll for them a little before sleeping (see `inline_sync_spin`).
-            let next = match synced_here {
-                true => spin_recv(&rx, self.shared.config.inline_sync_spin),
-                false => None,
+            let next = if synced_here {
+                spin_recv(&rx, self.shared.config.inline_sync_spin)
+            } else {
+                None
             };
             let Some(first) = next.or_else(|| rx.recv().ok()) else {
                 break;
