@@ -462,9 +462,10 @@ fn main() -> anyhow::Result<()> {
     for &(flush_name, flush) in &[
         (
             "async",
+            // The shipped defaults (`[store] flush_interval` and `flush_bytes`).
             FlushPolicy::Async {
                 interval: Duration::from_millis(500),
-                bytes: 256 << 20,
+                bytes: 4 << 20,
             },
         ),
         ("sync", FlushPolicy::Sync),
