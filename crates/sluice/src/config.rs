@@ -693,6 +693,8 @@ impl Config {
                 "must be at least one segment_size".into(),
             );
         }
+        // Periods of background work: at least a millisecond (durations may be written in
+        // microseconds, for `inline_sync_spin`; "1us" here would make these loops spin).
         for (key, d) in [
             ("[store] flush_interval", st.flush_interval),
             ("[store] checkpoint_interval", st.checkpoint_interval),
@@ -713,8 +715,8 @@ impl Config {
             ),
             ("[proxy] handshake_timeout", px.handshake_timeout),
         ] {
-            if d.0.is_zero() {
-                bad(key, "must be positive".into());
+            if d.0 < Duration::from_millis(1) {
+                bad(key, "must be at least 1ms".into());
             }
         }
         if br.timer_roll_window.0 < Duration::from_secs(60) {
@@ -1133,6 +1135,7 @@ mod tests {
         let errs = errors(load_str(
             "[server]\nadmin_listen = \"127.0.0.1:8081\"\nworker_threads = 5000\n[store]\nsegment_size = \"4MiB\"\n\
              max_message_size = \"8MiB\"\nretention = \"0s\"\ninline_sync_spin = \"5ms\"\n\
+             checkpoint_interval = \"500us\"\n\
              [broker]\nmax_body_size = \"16MiB\"\n",
             &[],
         ));
@@ -1143,6 +1146,7 @@ mod tests {
             "must exceed [broker] max_body_size",
             "[store] retention",
             "[store] inline_sync_spin",
+            "[store] checkpoint_interval: must be at least 1ms",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),
