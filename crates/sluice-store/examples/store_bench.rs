@@ -41,12 +41,50 @@ struct Args {
     repeats: usize,
     recovery_mib: u64,
     quick: bool,
-    /// Emulates a slower disk: every fdatasync of the store (and of the probe) takes at
-    /// least this long.
-    fsync_delay_ms: u64,
+    /// How each measured store is set up.
+    setup: Setup,
     /// Only this flush policy / in-flight count (for profiling).
     only_flush: Option<String>,
     only_inflight: Option<usize>,
+}
+
+/// The file system and store settings of every measured store: the defaults unless a flag
+/// overrides them (for A/B runs of one binary).
+#[derive(Default)]
+struct Setup {
+    /// Emulates a slower disk: every fdatasync of the store (and of the probe) takes at
+    /// least this long.
+    fsync_delay_ms: u64,
+    zero_ahead: Option<u64>,
+    inline_sync_max: Option<usize>,
+    group_commit_wait: Option<Duration>,
+    inline_sync_spin: Option<Duration>,
+    segment_size: Option<u64>,
+}
+
+impl Setup {
+    fn open(&self, dir: &Path, flush: FlushPolicy) -> anyhow::Result<Store> {
+        let mut cfg = StoreConfig::new(dir);
+        cfg.flush = flush;
+        cfg.min_free_space = 0;
+        cfg.retention = None;
+        cfg.index_slots = 1 << 16;
+        cfg.index_entries = 1 << 20;
+        cfg.zero_ahead = self.zero_ahead.unwrap_or(cfg.zero_ahead);
+        cfg.inline_sync_max = self.inline_sync_max.unwrap_or(cfg.inline_sync_max);
+        cfg.group_commit_wait = self.group_commit_wait.unwrap_or(cfg.group_commit_wait);
+        cfg.inline_sync_spin = self.inline_sync_spin.unwrap_or(cfg.inline_sync_spin);
+        cfg.segment_size = self.segment_size.unwrap_or(cfg.segment_size);
+        if self.fsync_delay_ms == 0 {
+            return Ok(Store::open(cfg)?);
+        }
+        let vfs = Arc::new(SlowSyncFs(Duration::from_millis(self.fsync_delay_ms)));
+        Ok(Store::open_with(
+            cfg,
+            vfs,
+            Arc::new(sluice_common::clock::SystemClock),
+        )?)
+    }
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -56,7 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
         repeats: 3,
         recovery_mib: 1024,
         quick: false,
-        fsync_delay_ms: 0,
+        setup: Setup::default(),
         only_flush: None,
         only_inflight: None,
     };
@@ -72,24 +110,18 @@ fn parse_args() -> anyhow::Result<Args> {
             "--repeats" => a.repeats = v()?.parse()?,
             "--recovery-mib" => a.recovery_mib = v()?.parse()?,
             "--quick" => a.quick = true,
-            "--fsync-delay-ms" => a.fsync_delay_ms = v()?.parse()?,
+            "--fsync-delay-ms" => a.setup.fsync_delay_ms = v()?.parse()?,
             "--flush" => a.only_flush = Some(v()?),
             "--inflight" => a.only_inflight = Some(v()?.parse()?),
-            "--zero-ahead" => {
-                let _ = ZERO_AHEAD.set(v()?.parse()?);
-            }
-            "--inline-sync" => {
-                let _ = INLINE_SYNC.set(v()?.parse()?);
-            }
+            "--zero-ahead" => a.setup.zero_ahead = Some(v()?.parse()?),
+            "--inline-sync" => a.setup.inline_sync_max = Some(v()?.parse()?),
             "--group-commit-wait-us" => {
-                let _ = GROUP_WAIT.set(Duration::from_micros(v()?.parse()?));
+                a.setup.group_commit_wait = Some(Duration::from_micros(v()?.parse()?))
             }
             "--inline-sync-spin-us" => {
-                let _ = INLINE_SPIN.set(Duration::from_micros(v()?.parse()?));
+                a.setup.inline_sync_spin = Some(Duration::from_micros(v()?.parse()?))
             }
-            "--segment-mib" => {
-                let _ = SEGMENT.set(v()?.parse::<u64>()? << 20);
-            }
+            "--segment-mib" => a.setup.segment_size = Some(v()?.parse::<u64>()? << 20),
             "--help" | "-h" => {
                 println!(
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
@@ -105,17 +137,6 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     Ok(a)
 }
-
-/// `--zero-ahead`: overrides the store's default.
-static ZERO_AHEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-/// `--inline-sync`: overrides the store's default.
-static INLINE_SYNC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-/// `--group-commit-wait-us`: overrides the store's default.
-static GROUP_WAIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-/// `--inline-sync-spin-us`: overrides the store's default.
-static INLINE_SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-/// `--segment-mib`: overrides the store's default segment size.
-static SEGMENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -184,18 +205,6 @@ fn hex16(n: u64) -> String {
         s.push(DIGITS[((n >> (i * 4)) & 0xF) as usize] as char);
     }
     s
-}
-
-fn open_store(cfg: StoreConfig, fsync_delay_ms: u64) -> anyhow::Result<Store> {
-    if fsync_delay_ms == 0 {
-        return Ok(Store::open(cfg)?);
-    }
-    let vfs = Arc::new(SlowSyncFs(Duration::from_millis(fsync_delay_ms)));
-    Ok(Store::open_with(
-        cfg,
-        vfs,
-        Arc::new(sluice_common::clock::SystemClock),
-    )?)
 }
 
 /// `--fsync-delay-ms`: the real file system, with every fdatasync (and directory fsync)
@@ -290,30 +299,9 @@ fn append_run(
     size: usize,
     appenders: usize,
     seconds: f64,
-    fsync_delay_ms: u64,
+    setup: &Setup,
 ) -> anyhow::Result<Run> {
-    let mut cfg = StoreConfig::new(dir);
-    cfg.flush = flush;
-    cfg.min_free_space = 0;
-    cfg.retention = None;
-    cfg.index_slots = 1 << 16;
-    cfg.index_entries = 1 << 20;
-    if let Some(z) = ZERO_AHEAD.get() {
-        cfg.zero_ahead = *z;
-    }
-    if let Some(n) = INLINE_SYNC.get() {
-        cfg.inline_sync_max = *n;
-    }
-    if let Some(w) = GROUP_WAIT.get() {
-        cfg.group_commit_wait = *w;
-    }
-    if let Some(s) = INLINE_SPIN.get() {
-        cfg.inline_sync_spin = *s;
-    }
-    if let Some(s) = SEGMENT.get() {
-        cfg.segment_size = *s;
-    }
-    let store = Arc::new(open_store(cfg, fsync_delay_ms)?);
+    let store = Arc::new(setup.open(dir, flush)?);
     let t0 = Instant::now();
     let (hists, _) = drive(rt, size, appenders, seconds, Some(store.clone()));
     let secs = t0.elapsed().as_secs_f64();
@@ -407,14 +395,14 @@ fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?,
     );
     let probes = if args.quick { 50 } else { 200 };
-    let delay = Duration::from_millis(args.fsync_delay_ms);
+    let delay = Duration::from_millis(args.setup.fsync_delay_ms);
     let fsync = fsync_latency(&args.dir, probes, delay)?;
     if !delay.is_zero() {
         let real = fsync_latency(&args.dir, probes, Duration::ZERO)?;
         println!(
             "emulated slower disk: every fdatasync (store and probe) takes at least {} ms (a sleep after \
              the real one for the rest); the probe below is measured that way (with no emulation: {:.2} ms)",
-            args.fsync_delay_ms,
+            args.setup.fsync_delay_ms,
             real * 1e3
         );
     }
@@ -470,7 +458,7 @@ fn main() -> anyhow::Result<()> {
         ),
         ("sync", FlushPolicy::Sync),
     ] {
-        if args.fsync_delay_ms > 0 && flush != FlushPolicy::Sync {
+        if args.setup.fsync_delay_ms > 0 && flush != FlushPolicy::Sync {
             continue;
         }
         if args.only_flush.as_deref().is_some_and(|f| f != flush_name) {
@@ -492,7 +480,7 @@ fn main() -> anyhow::Result<()> {
                         size,
                         n,
                         args.seconds,
-                        args.fsync_delay_ms,
+                        &args.setup,
                     )?);
                     std::fs::remove_dir_all(&dir)?;
                 }
