@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release -p sluice-store --example store_bench -- [--dir PATH] [--seconds N]
 //!     [--repeats N] [--recovery-mib N] [--quick] [--fsync-delay-ms N]
-//!     [--flush sync|async] [--inflight N]   (only those runs, no reads/recovery: profiling)
+//!     [--flush sync|async] [--inflight N] [--size BYTES]
+//!                            (only those runs, no reads/recovery: profiling)
 //!     [--zero-ahead BYTES]   (the store's `zero_ahead`; default its own, 0 turns it off)
 //!     [--inline-sync N]      (the store's `inline_sync_max`; default its own, 0 turns it off)
 //!     [--group-commit-wait-us N]  (the store's `group_commit_wait`; default its own)
@@ -46,6 +47,8 @@ struct Args {
     /// Only this flush policy / in-flight count (for profiling).
     only_flush: Option<String>,
     only_inflight: Option<usize>,
+    /// Only this message size.
+    only_size: Option<usize>,
 }
 
 /// The file system and store settings of every measured store: the defaults unless a flag
@@ -97,6 +100,7 @@ fn parse_args() -> anyhow::Result<Args> {
         setup: Setup::default(),
         only_flush: None,
         only_inflight: None,
+        only_size: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -113,6 +117,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--fsync-delay-ms" => a.setup.fsync_delay_ms = v()?.parse()?,
             "--flush" => a.only_flush = Some(v()?),
             "--inflight" => a.only_inflight = Some(v()?.parse()?),
+            "--size" => a.only_size = Some(v()?.parse()?),
             "--zero-ahead" => a.setup.zero_ahead = Some(v()?.parse()?),
             "--inline-sync" => a.setup.inline_sync_max = Some(v()?.parse()?),
             "--group-commit-wait-us" => {
@@ -125,9 +130,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
-                     [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--zero-ahead BYTES]\n    \
-                     [--inline-sync N] [--group-commit-wait-us N] [--inline-sync-spin-us N]\n    \
-                     [--segment-mib N]\n\
+                     [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--size BYTES]\n    \
+                     [--zero-ahead BYTES] [--inline-sync N] [--group-commit-wait-us N]\n    \
+                     [--inline-sync-spin-us N] [--segment-mib N]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);
@@ -422,7 +427,8 @@ fn main() -> anyhow::Result<()> {
     // The load generator's own ceiling: its tasks, messages and histograms with no store.
     // Every figure below shares the 2 cores with this much work per append. (Not in the
     // single-run modes, which are for profiling the store.)
-    let single = args.only_flush.is_some() || args.only_inflight.is_some();
+    let single =
+        args.only_flush.is_some() || args.only_inflight.is_some() || args.only_size.is_some();
     if !single {
         let (_, made) = drive(&rt, 1024, 4096, args.seconds, None);
         let gen_rate = made as f64 / args.seconds;
@@ -466,6 +472,9 @@ fn main() -> anyhow::Result<()> {
         }
         let inflight: &[usize] = &[1, 16, 256, 4096];
         for &size in sizes {
+            if args.only_size.is_some_and(|s| s != size) {
+                continue;
+            }
             for &n in inflight {
                 if args.only_inflight.is_some_and(|i| i != n) {
                     continue;
