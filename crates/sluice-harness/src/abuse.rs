@@ -1,6 +1,6 @@
 //! `sluice-harness abuse`: bad input against a real server process. Thousands of idle
 //! connections, slowloris clients, garbage bytes, oversized frames, malformed protobuf and
-//! huge property maps; afterwards a normal client must still be served, the server's memory
+//! huge property maps, rapid stream resets; afterwards a normal client must still be served, the server's memory
 //! must stay bounded, and a graceful stop must still exit 0.
 
 use std::time::{Duration, Instant};
@@ -291,6 +291,26 @@ pub async fn run(grpc: u16, pid: u32, idle: usize) -> anyhow::Result<Outcome> {
     }
     out.check("malformed protobuf", malformed_ok, details.join(", "));
 
+    // Rapid reset (CVE-2023-44487): requests opened and cancelled at once, as fast as the
+    // socket takes them. The server must close the connection after its reset budget
+    // (1,000 per 10 s) with GOAWAY(ENHANCE_YOUR_CALM), not serve the flood.
+    let flood = rapid_reset(&addr, Duration::from_secs(3)).await?;
+    let lat = normal_send(&mut c, "ABUSE-RESET").await?;
+    out.check(
+        "rapid reset",
+        flood.codes.contains(&0xb) && flood.closed,
+        format!(
+            "{} HEADERS+RST_STREAM pairs written in {:.2} s (most of them into the socket \
+             buffers before the GOAWAY arrived); GOAWAY codes {:?}; closed by the server: {}; \
+             a normal send took {} µs",
+            flood.pairs,
+            flood.secs,
+            flood.codes,
+            flood.closed,
+            lat.as_micros()
+        ),
+    );
+
     drop(conns);
     drop(slow);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -305,4 +325,93 @@ pub async fn run(grpc: u16, pid: u32, idle: usize) -> anyhow::Result<Outcome> {
         ),
     );
     Ok(out)
+}
+
+/// What [`rapid_reset`] saw.
+struct Flood {
+    /// HEADERS + RST_STREAM pairs written.
+    pairs: u32,
+    /// How long they were written.
+    secs: f64,
+    /// Error codes of the GOAWAY frames received.
+    codes: Vec<u32>,
+    /// The server closed the connection (within 10 s of its last frame).
+    closed: bool,
+}
+
+/// Opens a raw HTTP/2 connection and writes pairs of a SendMessage request's HEADERS and
+/// its RST_STREAM(CANCEL), 100 pairs per write, for `limit` or until the server's GOAWAY
+/// arrives (as a client would stop) or the socket fails, while reading what the server
+/// sends.
+async fn rapid_reset(addr: &str, limit: Duration) -> anyhow::Result<Flood> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncReadExt;
+    let s = tokio::net::TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = s.into_split();
+    let goaway = Arc::new(AtomicBool::new(false));
+    let seen_goaway = goaway.clone();
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut codes = Vec::new();
+        let mut at = 0;
+        let mut buf = vec![0u8; 16 << 10];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+            // Whole frames so far: the error codes of GOAWAYs.
+            while at + 9 <= seen.len() {
+                let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
+                if at + 9 + len > seen.len() {
+                    break;
+                }
+                if seen[at + 3] == 7 && len >= 8 {
+                    let c = &seen[at + 13..at + 17];
+                    codes.push(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                    seen_goaway.store(true, Ordering::Release);
+                }
+                at += 9 + len;
+            }
+        };
+        (codes, closed)
+    });
+    // :method POST, :scheme http, :path (literal, not indexed), content-type application/grpc.
+    let path = b"/apache.rocketmq.v2.MessagingService/SendMessage";
+    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x0f, 0x10, 16]);
+    block.extend_from_slice(b"application/grpc");
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    wr.write_all(&start).await?;
+    let mut pairs = 0u32;
+    let t = Instant::now();
+    while t.elapsed() < limit && !goaway.load(Ordering::Acquire) {
+        let mut out = Vec::with_capacity(100 * (9 + block.len() + 13));
+        for _ in 0..100 {
+            let id = (1 + 2 * pairs).to_be_bytes();
+            out.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x4]);
+            out.extend_from_slice(&id);
+            out.extend_from_slice(&block);
+            out.extend_from_slice(&[0, 0, 4, 3, 0]);
+            out.extend_from_slice(&id);
+            out.extend_from_slice(&[0, 0, 0, 8]);
+            pairs += 1;
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let (codes, closed) = reader.await?;
+    drop(wr);
+    Ok(Flood {
+        pairs,
+        secs,
+        codes,
+        closed,
+    })
 }

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::frame::{self, Frame, Reason, StreamId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream as _;
 use tonic::transport::server::TcpConnectInfo;
@@ -71,6 +71,10 @@ const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 /// Payload of the keep-alive PING.
 const KEEPALIVE_PING: [u8; 8] = *b"sluiceka";
+/// After a GOAWAY for the client's error: how long, and how many bytes of the client's
+/// input, the connection waits to be read before it is closed (see [`Conn::linger`]).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// What the connection offers and enforces.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +89,13 @@ pub struct Limits {
     /// Largest decoded header list of a request; larger ones are answered with
     /// RESOURCE_EXHAUSTED.
     pub max_header_list_size: u32,
+    /// Streams the client may reset (RST_STREAM on a request not yet answered) or make the
+    /// server reset (stream errors of its own making) within `reset_window`. One more and
+    /// the connection is closed with GOAWAY(ENHANCE_YOUR_CALM): a reset stream leaves the
+    /// stream limit at once, so without this budget a client could have the server set
+    /// up requests and tasks without bound ("rapid reset", CVE-2023-44487).
+    pub max_resets: u32,
+    pub reset_window: Duration,
 }
 
 /// Why a connection ended other than by an orderly close.
@@ -98,6 +109,8 @@ pub enum ConnError {
     Protocol(Reason),
     #[error("no answer to the keep-alive ping")]
     KeepAliveTimeout,
+    #[error("the client reset more than {0} streams within {1:?}")]
+    TooManyResets(u32, Duration),
 }
 
 /// One piece of a response, in the order it goes out.
@@ -525,6 +538,8 @@ where
         reading: true,
         keep_alive: KeepAlive::Idle { heard: false },
         keep_alive_timer: Box::pin(tokio::time::sleep(limits.keep_alive_interval)),
+        resets: 0,
+        resets_since: tokio::time::Instant::now(),
     };
     let mut settings = frame::Settings::default();
     settings.set_max_concurrent_streams(Some(limits.max_concurrent_streams));
@@ -538,14 +553,18 @@ where
     }
     let mut stop = std::pin::pin!(stop);
     let mut stopped = false;
-    std::future::poll_fn(|cx| {
+    let r = std::future::poll_fn(|cx| {
         if !stopped && stop.as_mut().poll(cx).is_ready() {
             stopped = true;
             conn.go_away(Reason::NO_ERROR, None);
         }
         conn.poll(cx)
     })
-    .await
+    .await;
+    if let Err(ConnError::Protocol(_) | ConnError::TooManyResets(..)) = &r {
+        let _ = tokio::time::timeout(LINGER, conn.linger()).await;
+    }
+    r
 }
 
 struct Conn<IO, S> {
@@ -582,6 +601,10 @@ struct Conn<IO, S> {
     reading: bool,
     keep_alive: KeepAlive,
     keep_alive_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Streams reset by or because of the client since `resets_since` (see
+    /// [`Limits::max_resets`]).
+    resets: u32,
+    resets_since: tokio::time::Instant,
 }
 
 impl<IO, S, B> Conn<IO, S>
@@ -663,6 +686,32 @@ where
         Poll::Pending
     }
 
+    /// After a GOAWAY for the client's error: writes what is still buffered (the GOAWAY
+    /// itself, which the write coalescing may have held back), closes our side, and reads
+    /// what the client still sends (up to [`LINGER_BYTES`]; the caller bounds the time).
+    /// Closing a socket with unread input resets the connection, and the client then loses
+    /// what it had not read yet: the GOAWAY and its reason.
+    async fn linger(&mut self) {
+        let io = self.codec.get_mut();
+        while !self.wbuf.is_empty() {
+            match io.write(&self.wbuf).await {
+                Ok(n) if n > 0 => bytes::Buf::advance(&mut self.wbuf, n),
+                _ => return,
+            }
+        }
+        if io.flush().await.is_err() || io.shutdown().await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => return,
+            }
+        }
+    }
+
     fn poll_keep_alive(&mut self, cx: &mut Context<'_>) -> Result<(), ConnError> {
         if self.keep_alive_timer.as_mut().poll(cx).is_pending() {
             return Ok(());
@@ -699,12 +748,42 @@ where
         }
     }
 
+    /// Resets stream `id` for an error of the client's making.
     fn reset(&mut self, id: u32, reason: Reason) {
         if let Some(s) = self.streams.remove(&id) {
             self.credit_unconsumed(&s);
         }
         self.to_spawn.retain(|&x| x != id);
+        self.refuse(id, reason);
+    }
+
+    /// Sends RST_STREAM for a stream the client got wrong (it counts against
+    /// [`Limits::max_resets`]).
+    fn refuse(&mut self, id: u32, reason: Reason) {
         self.ctl(frame::Reset::new(StreamId::from(id), reason).into());
+        self.count_reset();
+    }
+
+    /// Counts a stream reset by or because of the client; past the budget of the window
+    /// the connection is closed.
+    fn count_reset(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.resets_since) >= self.limits.reset_window {
+            self.resets_since = now;
+            self.resets = 0;
+        }
+        self.resets += 1;
+        if self.resets > self.limits.max_resets && self.closing.is_none() {
+            let (max, window) = (self.limits.max_resets, self.limits.reset_window);
+            tracing::warn!(
+                peer = ?self.info.remote_addr,
+                "closing an HTTP/2 connection whose client reset more than {max} streams within {window:?}"
+            );
+            self.go_away(
+                Reason::ENHANCE_YOUR_CALM,
+                Some(ConnError::TooManyResets(max, window)),
+            );
+        }
     }
 
     /// Connection credit for body bytes a removed stream never handed to its handler.
@@ -805,7 +884,9 @@ where
             Frame::Reset(r) => {
                 let id = u32::from(r.stream_id());
                 if let Some(s) = self.streams.remove(&id) {
+                    // A request given up before its answer was complete.
                     self.credit_unconsumed(&s);
+                    self.count_reset();
                 }
                 self.to_spawn.retain(|&x| x != id);
             }
@@ -836,7 +917,7 @@ where
         }
         if id % 2 == 1 && id <= self.last_stream_id {
             // A stream already closed on our side (answered, reset or refused).
-            self.ctl(frame::Reset::new(StreamId::from(id), Reason::STREAM_CLOSED).into());
+            self.refuse(id, Reason::STREAM_CLOSED);
             return;
         }
         if id % 2 == 0 {
@@ -881,7 +962,7 @@ where
             return;
         }
         let Some(path) = pseudo.path else {
-            self.ctl(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
+            self.refuse(id, Reason::PROTOCOL_ERROR);
             return;
         };
         let uri = match self.paths.iter().find(|(p, _)| **p == *path) {
@@ -894,7 +975,7 @@ where
                     u
                 }
                 Err(_) => {
-                    self.ctl(frame::Reset::new(StreamId::from(id), Reason::PROTOCOL_ERROR).into());
+                    self.refuse(id, Reason::PROTOCOL_ERROR);
                     return;
                 }
             },
@@ -1399,6 +1480,8 @@ mod tests {
             stream_window: 1 << 16,
             conn_window: 1 << 17,
             max_header_list_size: 4096,
+            max_resets: 1000,
+            reset_window: Duration::from_secs(10),
         }
     }
 
@@ -1698,6 +1781,82 @@ mod tests {
         out.extend_from_slice(&block);
         io.write_all(&out).await?;
         read_until(&mut io, b"grpc-status\x01\x38").await?;
+        Ok(())
+    }
+
+    /// HEADERS of a request on stream `id` (:method POST, :path /echo/1; END_STREAM if
+    /// `end`), and with `cancel` an RST_STREAM(CANCEL) of it right after.
+    fn request(out: &mut Vec<u8>, id: u32, end: bool, cancel: bool) {
+        let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
+        let i = id.to_be_bytes();
+        let flags = 0x4 | if end { 0x1 } else { 0 };
+        out.extend_from_slice(&[0, 0, block.len() as u8, 1, flags, i[0], i[1], i[2], i[3]]);
+        out.extend_from_slice(&block);
+        if cancel {
+            out.extend_from_slice(&[0, 0, 4, 3, 0, i[0], i[1], i[2], i[3], 0, 0, 0, 8]);
+        }
+    }
+
+    /// The error codes of the GOAWAY frames in `seen` (a byte stream of whole frames).
+    fn goaway_codes(seen: &[u8]) -> Vec<u32> {
+        let mut at = 0;
+        let mut codes = Vec::new();
+        while at + 9 <= seen.len() {
+            let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
+            if seen[at + 3] == 7 && len >= 8 && at + 17 <= seen.len() {
+                let c = &seen[at + 13..at + 17];
+                codes.push(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            at += 9 + len;
+        }
+        codes
+    }
+
+    /// A client that opens and cancels streams faster than the budget allows ("rapid
+    /// reset") gets GOAWAY(ENHANCE_YOUR_CALM) and the connection is closed.
+    #[tokio::test]
+    async fn rapid_resets_close_the_connection() -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut l = limits();
+        l.max_resets = 50;
+        let (mut io, task, _stop) = server(l);
+        let mut out = raw_start();
+        for i in 0..51 {
+            request(&mut out, 1 + 2 * i, false, true);
+        }
+        io.write_all(&out).await?;
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut seen)).await??;
+        let codes = goaway_codes(&seen);
+        anyhow::ensure!(codes == [0xb], "GOAWAY codes {codes:?}");
+        let r = task.await?;
+        anyhow::ensure!(matches!(r, Err(ConnError::TooManyResets(50, _))), "{r:?}");
+        Ok(())
+    }
+
+    /// Resets within the budget, and the budget of each new window, are tolerated: the
+    /// connection goes on serving.
+    #[tokio::test]
+    async fn resets_within_the_budget_are_tolerated() -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut l = limits();
+        l.max_resets = 50;
+        l.reset_window = Duration::from_millis(200);
+        let (mut io, _task, _stop) = server(l);
+        let mut out = raw_start();
+        for i in 0..40 {
+            request(&mut out, 1 + 2 * i, false, true);
+        }
+        io.write_all(&out).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 40 more in the next window, then a request (empty body) that must be answered.
+        let mut out = Vec::new();
+        for i in 40..80 {
+            request(&mut out, 1 + 2 * i, false, true);
+        }
+        request(&mut out, 161, true, false);
+        io.write_all(&out).await?;
+        read_until(&mut io, b"x-len\x010").await?;
         Ok(())
     }
 

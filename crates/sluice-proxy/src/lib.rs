@@ -105,6 +105,10 @@ pub async fn run<M: Messaging>(
             stream_window: 1 << 20,
             conn_window: 1 << 20,
             max_header_list_size: 16 << 10,
+            // About 100 cancelled requests a second, far more than clients give up on
+            // (long polls that time out, abandoned calls), far less than a flood.
+            max_resets: 1000,
+            reset_window: Duration::from_secs(10),
         },
         async move {
             let _ = stop_wait.wait_for(|s| *s).await;
