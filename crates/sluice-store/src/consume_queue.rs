@@ -25,7 +25,7 @@
 //! ones are written again by replaying the commit log. Delete: retention drops files whose
 //! every entry points below the commit log's minimum offset.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::file_cache::FileCache;
 use crate::fs::{VFile, Vfs, join, offset_name, parse_offset_name};
 
 pub const CQ_ENTRY_SIZE: u64 = 28;
@@ -104,7 +105,11 @@ pub(crate) struct ConsumeQueue {
     pub queue_id: u32,
     dir: PathBuf,
     entries_per_file: u64,
-    files: RwLock<BTreeMap<u64, Arc<dyn VFile>>>,
+    /// Start offsets of the queue's files. Their handles are in `cache` while open.
+    files: RwLock<BTreeSet<u64>>,
+    cache: Arc<FileCache>,
+    /// This queue's owner number in `cache`.
+    owner: u64,
     /// Lowest offset still readable (moved by retention).
     pub min_offset: AtomicU64,
     /// Entries written, to the files or the tail (next offset to assign). Writer only.
@@ -128,18 +133,21 @@ impl ConsumeQueue {
 
     /// Opens (or creates) a queue directory. A trailing partial entry is cut off; the
     /// returned flag says whether the files looked damaged (partial entry or a short file
-    /// in the middle), in which case the caller rebuilds from the commit log.
+    /// in the middle), in which case the caller rebuilds from the commit log. File handles
+    /// are kept in `cache`, which bounds how many are open at once.
     pub fn open(
         vfs: &dyn Vfs,
         root: &Path,
         topic: &str,
         queue_id: u32,
         entries_per_file: u64,
+        cache: Arc<FileCache>,
     ) -> io::Result<(ConsumeQueue, bool)> {
         let dir = Self::dir_for(root, topic, queue_id);
         let created = !vfs.exists(&dir);
         vfs.create_dir_all(&dir)?;
-        let mut files = BTreeMap::new();
+        let owner = cache.owner();
+        let mut files = BTreeSet::new();
         let mut damaged = false;
         let mut next = 0u64;
         let names = vfs.list_dir(&dir)?;
@@ -160,7 +168,8 @@ impl ConsumeQueue {
                 damaged = true;
             }
             next = start + n;
-            files.insert(start, f);
+            files.insert(start);
+            cache.insert((owner, start), f);
         }
         let min = starts.first().copied().unwrap_or(0);
         let q = ConsumeQueue {
@@ -169,6 +178,8 @@ impl ConsumeQueue {
             dir,
             entries_per_file,
             files: RwLock::new(files),
+            cache,
+            owner,
             min_offset: AtomicU64::new(min),
             written: AtomicU64::new(next),
             tail: Mutex::new(Tail {
@@ -189,16 +200,33 @@ impl ConsumeQueue {
         start: u64,
         create: bool,
     ) -> io::Result<Option<Arc<dyn VFile>>> {
-        if let Some(f) = self.files.read().get(&start) {
-            return Ok(Some(f.clone()));
+        let path = || join(&self.dir, &offset_name(start));
+        if !self.files.read().contains(&start) {
+            if !create {
+                return Ok(None);
+            }
+            let mut files = self.files.write();
+            if !files.contains(&start) {
+                let f = vfs.open(&path(), true)?;
+                files.insert(start);
+                self.cache.insert((self.owner, start), f.clone());
+                self.new_files.store(true, Ordering::Release);
+                return Ok(Some(f));
+            }
         }
-        if !create {
-            return Ok(None);
+        match self
+            .cache
+            .get_or_open((self.owner, start), || vfs.open(&path(), false))
+        {
+            Ok(f) => Ok(Some(f)),
+            // Deleted by retention since it was looked up: as if it had been gone before.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound && !self.files.read().contains(&start) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
-        let f = vfs.open(&join(&self.dir, &offset_name(start)), true)?;
-        self.files.write().insert(start, f.clone());
-        self.new_files.store(true, Ordering::Release);
-        Ok(Some(f))
     }
 
     /// Writes entries for offsets `first..first + entries.len()`. Entries that continue the
@@ -345,15 +373,16 @@ impl ConsumeQueue {
         let mut tail = self.tail.lock();
         self.write_tail(vfs, &mut tail)?;
         tail.first = next;
-        let mut files = self.files.write();
-        let starts: Vec<u64> = files.keys().copied().collect();
+        let starts: Vec<u64> = self.files.read().iter().copied().collect();
         for start in starts {
-            if start >= next && !(start == 0 && next == 0 && files.len() == 1) {
-                if let Some(_f) = files.remove(&start) {
+            let only = self.files.read().len() == 1;
+            if start >= next && !(start == 0 && next == 0 && only) {
+                if self.files.write().remove(&start) {
+                    self.cache.remove((self.owner, start));
                     vfs.remove_file(&join(&self.dir, &offset_name(start)))?;
                 }
             } else if start + self.entries_per_file > next {
-                if let Some(f) = files.get(&start) {
+                if let Some(f) = self.file_for(vfs, start, false)? {
                     f.set_len((next - start) * CQ_ENTRY_SIZE)?;
                 }
             }
@@ -384,15 +413,20 @@ impl ConsumeQueue {
         let written = self.tail.lock().first;
         let synced = self.synced.load(Ordering::Acquire);
         if written > synced {
-            let files: Vec<Arc<dyn VFile>> = self
+            let starts: Vec<u64> = self
                 .files
                 .read()
                 .range(synced / self.entries_per_file * self.entries_per_file..)
-                .map(|(_, f)| f.clone())
+                .copied()
                 .collect();
-            for f in files {
+            for start in starts {
+                let Some(f) = self.file_for(vfs, start, false)? else {
+                    continue;
+                };
                 // Consume-queue data is derived, but syncing it lets recovery start from the
-                // checkpoint instead of replaying the whole commit log.
+                // checkpoint instead of replaying the whole commit log. (The handle may be
+                // newer than the writes: an fdatasync covers the file's dirty pages,
+                // whichever descriptor wrote them.)
                 f.sync_data()?;
             }
             self.synced.store(written, Ordering::Release);
@@ -436,12 +470,13 @@ impl ConsumeQueue {
         self.min_offset.fetch_max(lo, Ordering::AcqRel);
         let mut files = self.files.write();
         let doomed: Vec<u64> = files
-            .keys()
+            .iter()
             .copied()
             .filter(|&s| s + self.entries_per_file <= lo)
             .collect();
         for s in doomed {
             files.remove(&s);
+            self.cache.remove((self.owner, s));
             vfs.remove_file(&join(&self.dir, &offset_name(s)))?;
         }
         Ok(lo)
@@ -452,6 +487,12 @@ impl ConsumeQueue {
 mod tests {
     use super::*;
     use crate::fs::StdFs;
+
+    /// Room for a single handle: every test below also runs with files closed and opened
+    /// again between operations.
+    fn cache() -> Arc<FileCache> {
+        Arc::new(FileCache::new(1))
+    }
 
     fn e(i: u64) -> CqEntry {
         CqEntry {
@@ -466,7 +507,7 @@ mod tests {
     fn write_read_across_files_and_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = StdFs;
-        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4).expect("open");
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4, cache()).expect("open");
         assert!(!damaged);
         let entries: Vec<_> = (0..10).map(e).collect();
         q.write(&fs, 0, &entries).expect("write");
@@ -477,7 +518,7 @@ mod tests {
         assert_eq!(q.offset_for_time(&fs, 99_999).expect("time"), 10);
         q.flush_tail(&fs).expect("flush");
         drop(q);
-        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4).expect("reopen");
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 0, 4, cache()).expect("reopen");
         assert!(!damaged);
         assert_eq!(q.max_offset(), 10);
         assert_eq!(q.read(&fs, 8, 100).expect("read"), entries[8..].to_vec());
@@ -496,7 +537,7 @@ mod tests {
     fn partial_entry_is_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = StdFs;
-        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("open");
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8, cache()).expect("open");
         q.write(&fs, 0, &[e(0), e(1)]).expect("write");
         q.flush_tail(&fs).expect("flush");
         drop(q);
@@ -506,7 +547,7 @@ mod tests {
             .open(&path)
             .expect("open file");
         f.set_len(40).expect("truncate");
-        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8).expect("reopen");
+        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8, cache()).expect("reopen");
         assert!(damaged);
         assert_eq!(q.written.load(Ordering::SeqCst), 1);
     }
@@ -522,7 +563,7 @@ mod tests {
     fn tail_collects_entries_until_full_and_is_readable_meanwhile() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = StdFs;
-        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("open");
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100, cache()).expect("open");
         let n = TAIL_ENTRIES as u64;
         let entries: Vec<_> = (0..2 * n + 5).map(e).collect();
         // One short of a full tail: nothing in the files yet, all of it readable.
@@ -566,7 +607,8 @@ mod tests {
         assert_eq!(file_entries(dir.path()), 2 * n + 5);
         q.write(&fs, 2 * n + 5, &[e(2 * n + 5)]).expect("write");
         drop(q);
-        let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("reopen");
+        let (q, damaged) =
+            ConsumeQueue::open(&fs, dir.path(), "t", 2, 100, cache()).expect("reopen");
         assert!(!damaged);
         assert_eq!(q.max_offset(), 2 * n + 5);
         assert_eq!(q.read(&fs, 0, 1000).expect("read"), entries);
@@ -576,7 +618,7 @@ mod tests {
     fn writes_out_of_sequence_go_to_the_files_after_the_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = StdFs;
-        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100).expect("open");
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 2, 100, cache()).expect("open");
         q.write(&fs, 0, &[e(0), e(1)]).expect("write");
         // A hole (recovery of a queue with a gap): the tail goes first, then the entry.
         q.write(&fs, 5, &[e(5)]).expect("write");

@@ -14,6 +14,7 @@ pub mod commitlog;
 pub mod consume_queue;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faulty;
+mod file_cache;
 pub mod fs;
 pub mod index;
 pub mod record;
@@ -54,6 +55,9 @@ pub struct StoreConfig {
     pub max_record_size: u32,
     /// Entries per consume-queue file.
     pub cq_entries_per_file: u64,
+    /// Consume-queue files kept open at once (least recently used closed first): bounds the
+    /// store's file descriptors however many queues it holds.
+    pub open_queue_files: usize,
     /// Hash slots per index file.
     pub index_slots: u32,
     /// Entries per index file.
@@ -97,6 +101,7 @@ impl StoreConfig {
             flush: FlushPolicy::Sync,
             max_record_size: 4 << 20 | 64 << 10,
             cq_entries_per_file: 300_000,
+            open_queue_files: 4096,
             index_slots: 1 << 20,
             index_entries: 4 << 20,
             retention: Some(Duration::from_secs(72 * 3600)),
@@ -117,6 +122,8 @@ impl StoreConfig {
             segment_size: 1 << 20,
             max_record_size: 256 << 10,
             cq_entries_per_file: 1000,
+            // Few, so that tests also run with queue files closed and reopened.
+            open_queue_files: 8,
             index_slots: 1024,
             index_entries: 4096,
             min_free_space: 0,
@@ -142,7 +149,7 @@ pub enum StoreError {
         offset: u64,
         reason: String,
     },
-    #[error("the store refuses writes after a failed fsync ({0}); restart to recover")]
+    #[error("the store refuses writes after a failed fsync or write ({0}); restart to recover")]
     Fenced(String),
     #[error("only {available} bytes free, below the threshold of {threshold}; writes are refused")]
     DiskFull { available: u64, threshold: u64 },

@@ -64,6 +64,7 @@ use tokio::sync::oneshot;
 use crate::checkpoint::Checkpoint;
 use crate::commitlog::{CommitLog, Segment};
 use crate::consume_queue::{ConsumeQueue, CqEntry, tag_hash};
+use crate::file_cache::FileCache;
 use crate::fs::{StdFs, Vfs};
 use crate::index::{Index, id_hash, key_hash};
 use crate::record::{
@@ -149,6 +150,10 @@ pub struct StoreStats {
     pub min_offset: u64,
     pub disk_bytes: u64,
     pub queues: u64,
+    /// Consume-queue files open now (at most `open_queue_files`).
+    pub open_queue_files: u64,
+    /// Consume-queue files opened since the store was (cache misses).
+    pub queue_files_opened: u64,
 }
 
 type Listener = Arc<dyn Fn(&str, u32, u64) + Send + Sync>;
@@ -195,6 +200,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     clog: CommitLog,
     cq_root: PathBuf,
+    /// Open consume-queue files, at most `open_queue_files`.
+    cq_files: Arc<FileCache>,
     queues: RwLock<HashMap<String, HashMap<u32, Arc<ConsumeQueue>>>>,
     index: Index,
     written: AtomicU64,
@@ -297,9 +304,21 @@ fn register_collector(shared: &Arc<Shared>) {
                 vec![],
                 s.batches.load(Ordering::Relaxed) as f64,
             ),
+            g(
+                "sluice_store_open_queue_files",
+                "Consume-queue files open now (at most [store] open_queue_files).",
+                s.cq_files.len() as f64,
+            ),
+            (
+                "sluice_store_queue_files_opened_total".into(),
+                "Consume-queue files opened (a file not among the open ones was needed).".into(),
+                "counter",
+                vec![],
+                s.cq_files.opened() as f64,
+            ),
             (
                 "sluice_store_fenced".into(),
-                "1 when the store refuses writes after a failed fsync.".into(),
+                "1 when the store refuses writes after a failed fsync or write.".into(),
                 "gauge",
                 vec![],
                 if s.is_fenced.load(Ordering::Acquire) {
@@ -357,6 +376,7 @@ impl Shared {
             topic,
             queue_id,
             self.config.cq_entries_per_file,
+            self.cq_files.clone(),
         )
         .map_err(|e| {
             StoreError::io(
@@ -485,6 +505,7 @@ impl Store {
         let clog = CommitLog::open(vfs.clone(), root.join("commitlog"), config.segment_size)
             .map_err(|e| StoreError::io("open commit log", &root.join("commitlog"), e))?;
         let cq_root = root.join("consumequeue");
+        let cq_files = Arc::new(FileCache::new(config.open_queue_files));
         vfs.create_dir_all(&cq_root)
             .map_err(|e| StoreError::io("create dir", &cq_root, e))?;
         let mut queues: HashMap<String, HashMap<u32, Arc<ConsumeQueue>>> = HashMap::new();
@@ -510,6 +531,7 @@ impl Store {
                     &topic,
                     qid,
                     config.cq_entries_per_file,
+                    cq_files.clone(),
                 )
                 .map_err(|e| StoreError::io("open consume queue", &tdir.join(&qname), e))?;
                 if d {
@@ -539,6 +561,7 @@ impl Store {
             clock,
             clog,
             cq_root,
+            cq_files,
             queues: RwLock::new(queues),
             index,
             written: AtomicU64::new(0),
@@ -1206,6 +1229,8 @@ impl Store {
             min_offset: s.clog.min_offset.load(Ordering::Acquire),
             disk_bytes: s.clog.disk_bytes(),
             queues: s.queues.read().values().map(|m| m.len() as u64).sum(),
+            open_queue_files: s.cq_files.len() as u64,
+            queue_files_opened: s.cq_files.opened(),
         }
     }
 
@@ -1388,6 +1413,8 @@ struct Writer {
     queues: Vec<WriterQueue>,
     by_name: HashMap<String, HashMap<u32, usize>>,
     buf: Vec<u8>,
+    /// Scratch: the queue slot of each message of the request being written.
+    slots: Vec<usize>,
     unflushed: u64,
     /// Consume-queue entries written since the tails were last written out (an upper bound
     /// of what all tails hold; checkpoints also empty them).
@@ -1422,6 +1449,7 @@ impl Writer {
             queues: Vec::new(),
             by_name: HashMap::new(),
             buf: Vec::with_capacity(1 << 20),
+            slots: Vec::new(),
             unflushed: 0,
             cq_buffered: 0,
             last_space_check: None,
@@ -1655,8 +1683,21 @@ impl Writer {
                 results.push(Err(StoreError::InvalidMessage(e)));
                 continue;
             }
+            // Every queue of the request is opened before anything of it is encoded: a
+            // queue that cannot be opened (out of file descriptors or disk space) fails
+            // this request alone and leaves the store as it was.
+            let mut slots = std::mem::take(&mut self.slots);
+            slots.clear();
+            if let Err(e) = req.msgs.iter().try_for_each(|m| {
+                slots.push(self.queue_slot(&m.topic, m.queue_id)?);
+                Ok::<(), StoreError>(())
+            }) {
+                self.slots = slots;
+                results.push(Err(e));
+                continue;
+            }
             let mut res = Vec::with_capacity(req.msgs.len());
-            for m in &req.msgs {
+            for (m, &qi) in req.msgs.iter().zip(&slots) {
                 let size = m.encoded_len() as u64;
                 if self.pos - seg.start + size > cfg_seg && self.pos > seg.start {
                     self.write_at(&seg, &self.buf, buf_start)?;
@@ -1677,7 +1718,6 @@ impl Writer {
                     }
                     buf_start = self.pos;
                 }
-                let qi = self.queue_slot(&m.topic, m.queue_id)?;
                 let wq = &mut self.queues[qi];
                 if wq.pending.is_empty() {
                     wq.pending_first = wq.next;
@@ -1709,6 +1749,7 @@ impl Writer {
                 });
                 self.pos += size;
             }
+            self.slots = slots;
             results.push(Ok(res));
         }
         if !self.buf.is_empty() {

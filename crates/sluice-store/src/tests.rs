@@ -1034,3 +1034,51 @@ fn async_close_under_load_answers_every_append() {
         assert_eq!(read_all(&s, "z", t as u32).len() as u64, *n, "queue {t}");
     }
 }
+
+/// A queue that cannot be opened (here its topic directory is taken by a file; in
+/// production: out of file descriptors) fails the requests that write to it, and only
+/// those: the rest of the same batch is stored, and the store is not fenced.
+#[test]
+fn a_queue_that_cannot_be_opened_fails_only_its_requests() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for flush in [FlushPolicy::Sync, ASYNC] {
+        let data = dir.path().join(format!("{flush:?}").replace(' ', ""));
+        let s = open(&data, flush);
+        s.append_blocking(vec![msg("good", 0, 0)])?;
+        std::fs::write(
+            data.join("consumequeue").join("blocked"),
+            b"not a directory",
+        )?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        // Three requests appended together: the writer takes them as one batch.
+        let (a, b, c) = rt.block_on(async {
+            tokio::join!(
+                s.append(vec![msg("good", 0, 1)]),
+                s.append(vec![msg("good", 1, 0), msg("blocked", 0, 0)]),
+                s.append(vec![msg("good", 0, 2)]),
+            )
+        });
+        let a = a?;
+        let c = c?;
+        anyhow::ensure!(
+            matches!(&b, Err(StoreError::Io { op, .. }) if *op == "open consume queue"),
+            "{b:?}"
+        );
+        anyhow::ensure!(s.fenced().is_none(), "{:?}", s.fenced());
+        anyhow::ensure!(a[0].queue_offset == 1 && c[0].queue_offset == 2);
+        s.append_blocking(vec![msg("good", 0, 3)])?;
+        let got: Vec<u64> = read_all(&s, "good", 0)
+            .iter()
+            .map(|m| m.queue_offset)
+            .collect();
+        anyhow::ensure!(got == [0, 1, 2, 3], "{got:?}");
+        // Nothing of the failed request was stored, not even its message to a good queue.
+        anyhow::ensure!(read_all(&s, "good", 1).is_empty());
+        drop(s);
+        std::fs::remove_file(data.join("consumequeue").join("blocked"))?;
+        let s = open(&data, flush);
+        anyhow::ensure!(read_all(&s, "good", 0).len() == 4);
+        anyhow::ensure!(read_all(&s, "good", 1).is_empty());
+    }
+    Ok(())
+}

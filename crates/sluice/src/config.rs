@@ -369,6 +369,8 @@ section! {
         /// Sync flush: after a group commit it synced itself, how long the writer thread
         /// polls for the next append before it sleeps; `0s` sleeps at once.
         inline_sync_spin: HumanDuration = HumanDuration(lib_store().inline_sync_spin),
+        /// Consume-queue files kept open at once; the least recently used are closed.
+        open_queue_files: u32 = u32::try_from(lib_store().open_queue_files).unwrap_or(u32::MAX),
     }
 }
 
@@ -687,6 +689,12 @@ impl Config {
                     .into(),
             );
         }
+        if st.open_queue_files < 16 {
+            bad(
+                "[store] open_queue_files",
+                "must be at least 16: fewer would reopen queue files on almost every write".into(),
+            );
+        }
         if st.disk_budget.is_some_and(|b| b < st.segment_size) {
             bad(
                 "[store] disk_budget",
@@ -769,6 +777,7 @@ impl Config {
             zero_ahead: s.zero_ahead.0,
             inline_sync_max: s.inline_sync_max as usize,
             inline_sync_spin: s.inline_sync_spin.0,
+            open_queue_files: s.open_queue_files as usize,
             ..StoreConfig::new(&self.server.data_dir)
         }
     }
@@ -1135,7 +1144,7 @@ mod tests {
         let errs = errors(load_str(
             "[server]\nadmin_listen = \"127.0.0.1:8081\"\nworker_threads = 5000\n[store]\nsegment_size = \"4MiB\"\n\
              max_message_size = \"8MiB\"\nretention = \"0s\"\ninline_sync_spin = \"5ms\"\n\
-             checkpoint_interval = \"500us\"\n\
+             checkpoint_interval = \"500us\"\nopen_queue_files = 8\n\
              [broker]\nmax_body_size = \"16MiB\"\n",
             &[],
         ));
@@ -1147,6 +1156,7 @@ mod tests {
             "[store] retention",
             "[store] inline_sync_spin",
             "[store] checkpoint_interval: must be at least 1ms",
+            "[store] open_queue_files: must be at least 16",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),

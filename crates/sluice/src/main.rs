@@ -297,12 +297,13 @@ fn main() -> ExitCode {
     let client_cfg = client_config(&cli);
     match cli.command {
         Command::Server(args) => {
-            let cfg = match args.load() {
+            let mut cfg = match args.load() {
                 Ok(c) => c,
                 Err(e) => return fail(&e, 2),
             };
             init_logging();
             server::set_transparent_huge_pages(cfg.server.transparent_huge_pages);
+            server::fit_file_limit(&mut cfg);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if cfg.server.worker_threads > 0 {
                 builder.worker_threads(cfg.server.worker_threads as usize);

@@ -57,6 +57,83 @@ pub fn set_transparent_huge_pages(enabled: bool) {
     let _ = enabled;
 }
 
+/// File descriptors kept for everything but client connections and consume-queue files:
+/// commit-log segments, index files, the broker's own files, admin API connections, logs.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft limit on open files to the hard limit (the default soft limit is often
+/// 1,024), and makes `[proxy] max_connections` and `[store] open_queue_files` fit in it
+/// with [`FD_RESERVE`] to spare, lowering them (with a warning) if they do not. Out of
+/// descriptors, the store's next segment roll would fail, and a failed write fences it.
+pub fn fit_file_limit(cfg: &mut Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one `rlimit` through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
+        }
+    }
+    let limit = if lim.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        lim.rlim_cur
+    };
+    let (conns, files) = fit_descriptors(
+        limit,
+        u64::from(cfg.proxy.max_connections),
+        u64::from(cfg.store.open_queue_files),
+    );
+    tracing::info!(
+        limit,
+        soft_limit_before = before,
+        max_connections = conns,
+        open_queue_files = files,
+        "open-files limit"
+    );
+    if conns < u64::from(cfg.proxy.max_connections) || files < u64::from(cfg.store.open_queue_files)
+    {
+        tracing::warn!(
+            limit,
+            "the open-files limit is too low for [proxy] max_connections ({}) plus [store] \
+             open_queue_files ({}) plus {FD_RESERVE} for other files: using {conns} and \
+             {files}; raise the limit (ulimit -n, systemd LimitNOFILE=)",
+            cfg.proxy.max_connections,
+            cfg.store.open_queue_files,
+        );
+        cfg.proxy.max_connections = u32::try_from(conns).unwrap_or(u32::MAX);
+        cfg.store.open_queue_files = u32::try_from(files).unwrap_or(u32::MAX);
+    }
+}
+
+/// (connections, queue files) that fit in `limit` descriptors with [`FD_RESERVE`] to
+/// spare: as asked if they fit; otherwise the queue files get at most a quarter of what is
+/// left (at least 16) and connections the rest (at least 16; below that nothing fits, and
+/// the reserve shrinks).
+fn fit_descriptors(limit: u64, conns: u64, files: u64) -> (u64, u64) {
+    let budget = limit.saturating_sub(FD_RESERVE);
+    if conns.saturating_add(files) <= budget {
+        return (conns, files);
+    }
+    let files = files.min((budget / 4).max(16));
+    let conns = conns.min(budget.saturating_sub(files).max(16));
+    (conns, files)
+}
+
 /// Rereads the ACL file on SIGHUP and whenever its modification time or size changes, and
 /// puts it in force for the requests that follow. A file that cannot be read or parsed
 /// leaves the ACL in force as it was, and says so in the log; it is read again once it
@@ -293,5 +370,31 @@ pub async fn serve(mut cfg: Config) -> Result<()> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_shared_out_within_the_limit() {
+        // Enough: as configured.
+        assert_eq!(fit_descriptors(1 << 20, 16_384, 4096), (16_384, 4096));
+        assert_eq!(fit_descriptors(u64::MAX, 16_384, 4096), (16_384, 4096));
+        // 20,000: 18,976 after the reserve; queue files keep 4096, connections get the rest.
+        assert_eq!(fit_descriptors(20_000, 16_384, 4096), (14_880, 4096));
+        // The common soft limit of 1,024 after a failed raise: nothing left but the floors.
+        assert_eq!(fit_descriptors(1024, 16_384, 4096), (16, 16));
+        // 4,096: 3,072 to share, a quarter (768) for queue files.
+        assert_eq!(fit_descriptors(4096, 16_384, 4096), (2304, 768));
+        for limit in [1025, 2048, 5000, 65_536] {
+            let (c, f) = fit_descriptors(limit, 16_384, 4096);
+            assert!(
+                c + f + FD_RESERVE <= limit.max(32 + FD_RESERVE),
+                "{limit}: {c} + {f}"
+            );
+            assert!(c >= 16 && f >= 16);
+        }
     }
 }
