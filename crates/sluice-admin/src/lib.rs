@@ -21,7 +21,8 @@
 //!
 //! With a token configured ([`AdminOptions::token`]), every `/api/` request must carry
 //! `Authorization: Bearer <token>`, otherwise 401 `UNAUTHORIZED`; the probes and
-//! `/metrics` stay open for load balancers and scrapers.
+//! `/metrics` stay open for load balancers and scrapers. At most [`MAX_CONNECTIONS`]
+//! connections are served at once (the API shares the broker's file descriptors).
 //!
 //! *Architecture invariant*: talks to the broker's admin methods only; it never opens store
 //! files. The wire types live in [`api`] so the CLI parses exactly what the server writes.
@@ -29,6 +30,7 @@
 pub mod api;
 mod error;
 mod handlers;
+mod listener;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -42,6 +44,7 @@ use axum::routing::{get, post};
 use sluice_broker::Broker;
 
 pub use error::ApiError;
+pub use listener::MAX_CONNECTIONS;
 
 /// What the status endpoint reports about the running process.
 #[derive(Debug, Clone)]
@@ -174,7 +177,8 @@ fn build(state: AppState, options: AdminOptions) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves, then stops accepting,
-/// reports not-ready, and finishes the requests in flight.
+/// reports not-ready, and finishes the requests in flight. At most [`MAX_CONNECTIONS`]
+/// connections are open at once; further ones wait in the listen backlog.
 pub async fn run(
     listener: tokio::net::TcpListener,
     broker: Arc<Broker>,
@@ -191,7 +195,18 @@ pub async fn run(
         },
         options,
     );
-    axum::serve(listener, app)
+    run_limited(listener, app, serving, MAX_CONNECTIONS, shutdown).await
+}
+
+/// [`run`] with `max_connections` (tests use a small number).
+async fn run_limited(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    serving: Arc<AtomicBool>,
+    max_connections: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener::Limited::new(listener, max_connections), app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             serving.store(false, Ordering::Release);

@@ -1,7 +1,7 @@
 //! The admin API over a real broker and store in a temporary directory.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -685,4 +685,37 @@ async fn a_token_guards_the_api_but_not_the_probes() {
         let r = raw(&app, with(None, Method::GET, open, None)).await;
         assert_eq!(r.status, StatusCode::OK, "{open}");
     }
+}
+
+/// Beyond the connection cap nothing more is accepted (the broker's file descriptors are
+/// not the admin API's to use up); a connection waiting in the backlog is served as soon
+/// as another closes.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let e = env();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let serving = Arc::new(AtomicBool::new(true));
+    let _server = tokio::spawn(run_limited(
+        listener,
+        e.app.clone(),
+        serving,
+        2,
+        std::future::pending(),
+    ));
+    let idle1 = tokio::net::TcpStream::connect(addr).await?;
+    let _idle2 = tokio::net::TcpStream::connect(addr).await?;
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), conn.read_to_string(&mut out)).await;
+    anyhow::ensure!(early.is_err(), "answered beyond the cap: {out}");
+    drop(idle1);
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut out)).await??;
+    anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "{out}");
+    Ok(())
 }
