@@ -11,7 +11,14 @@
 //!     [--group-commit-wait-us N]  (the store's `group_commit_wait`; default its own)
 //!     [--inline-sync-spin-us N]   (the store's `inline_sync_spin`; default its own, 0 turns it off)
 //!     [--segment-mib N]      (the store's `segment_size`; default its own, 1 GiB)
+//!     [--queues N]           (only the many-queues run, below)
 //! ```
+//!
+//! Many queues (`--queues N`): one 128 B message to each of N queues (8 per topic), then 1
+//! more to each, with 4,096 appenders in flight and the shipped Async flush; then the store
+//! is closed and opened again. Reports appends/s of each round, the reopen time, the
+//! process's open file descriptors and resident memory: what a broker with that many
+//! queues costs, and that its descriptors stay bounded (`open_queue_files`).
 //!
 //! Baselines (same file system, same run): buffered sequential write bandwidth of a file of
 //! the same size with one fdatasync at the end; the latency of a 4 KiB append + fdatasync.
@@ -49,6 +56,8 @@ struct Args {
     only_inflight: Option<usize>,
     /// Only this message size.
     only_size: Option<usize>,
+    /// The many-queues run instead: this many queues.
+    queues: Option<u32>,
 }
 
 /// The file system and store settings of every measured store: the defaults unless a flag
@@ -101,6 +110,7 @@ fn parse_args() -> anyhow::Result<Args> {
         only_flush: None,
         only_inflight: None,
         only_size: None,
+        queues: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -118,6 +128,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--flush" => a.only_flush = Some(v()?),
             "--inflight" => a.only_inflight = Some(v()?.parse()?),
             "--size" => a.only_size = Some(v()?.parse()?),
+            "--queues" => a.queues = Some(v()?.parse()?),
             "--zero-ahead" => a.setup.zero_ahead = Some(v()?.parse()?),
             "--inline-sync" => a.setup.inline_sync_max = Some(v()?.parse()?),
             "--group-commit-wait-us" => {
@@ -132,7 +143,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
                      [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--size BYTES]\n    \
                      [--zero-ahead BYTES] [--inline-sync N] [--group-commit-wait-us N]\n    \
-                     [--inline-sync-spin-us N] [--segment-mib N]\n\
+                     [--inline-sync-spin-us N] [--segment-mib N] [--queues N]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);
@@ -275,6 +286,9 @@ impl Vfs for SlowSyncFs {
     fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
         slow_sync(|| StdFs.sync_dir(path), self.0)
     }
+    fn sync_fs(&self, path: &Path) -> std::io::Result<()> {
+        slow_sync(|| StdFs.sync_fs(path), self.0)
+    }
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
         StdFs.rename(from, to)
     }
@@ -386,6 +400,97 @@ fn drive(
     })
 }
 
+/// Open file descriptors and resident memory (KiB) of this process.
+fn process_usage() -> (usize, u64) {
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// `--queues N`: see the module header.
+fn many_queues(rt: &tokio::runtime::Runtime, args: &Args, queues: u32) -> anyhow::Result<()> {
+    let dir = fresh(&args.dir, "many-queues")?;
+    let flush = FlushPolicy::Async {
+        interval: Duration::from_millis(500),
+        bytes: 4 << 20,
+    };
+    let store = Arc::new(args.setup.open(&dir, flush)?);
+    let body = Bytes::from(vec![b'q'; 128]);
+    println!("# sluice-store: {queues} queues");
+    println!();
+    for round in 0..2 {
+        let t = Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..4096.min(queues) {
+                let (store, next, body) = (store.clone(), next.clone(), body.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let q = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if q >= queues {
+                            return anyhow::Ok(());
+                        }
+                        let m = AppendMessage {
+                            topic: format!("t{}", q / 8),
+                            queue_id: q % 8,
+                            ..message(128, u64::from(q), &body)
+                        };
+                        store.append(vec![m]).await?;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
+        })?;
+        let secs = t.elapsed().as_secs_f64();
+        let (fds, rss) = process_usage();
+        let st = store.stats();
+        println!(
+            "round {}: {queues} appends (one per queue) in {secs:.1} s, {:.0} appends/s; \
+             {fds} descriptors open ({} consume-queue files), RSS {} MiB, {} queue files opened so far",
+            round + 1,
+            f64::from(queues) / secs,
+            st.open_queue_files,
+            rss >> 10,
+            st.queue_files_opened
+        );
+        anyhow::ensure!(store.fenced().is_none(), "fenced: {:?}", store.fenced());
+    }
+    let t = Instant::now();
+    store.close();
+    drop(store);
+    let closed = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let store = args.setup.open(&dir, flush)?;
+    let opened = t.elapsed().as_secs_f64();
+    let (fds, rss) = process_usage();
+    let st = store.stats();
+    println!(
+        "close (every tail written, checkpoint) {closed:.1} s; reopen {opened:.1} s with {} queues; \
+         {fds} descriptors open, RSS {} MiB",
+        st.queues,
+        rss >> 10
+    );
+    anyhow::ensure!(
+        st.queues == u64::from(queues),
+        "{} queues after reopen",
+        st.queues
+    );
+    drop(store);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     std::fs::create_dir_all(&args.dir)?;
@@ -393,6 +498,9 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(q) = args.queues {
+        return many_queues(&rt, &args, q);
+    }
     let bw_bytes: u64 = if args.quick { 256 << 20 } else { 1 << 30 };
     let bw = median(
         (0..args.repeats)

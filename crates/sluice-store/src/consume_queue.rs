@@ -404,15 +404,24 @@ impl ConsumeQueue {
         self.visible.load(Ordering::Acquire)
     }
 
-    /// Makes written entries and new files durable; called by the checkpoint.
-    pub fn sync(&self, vfs: &dyn Vfs, root: &Path) -> io::Result<()> {
+    /// Makes written entries durable, and adds to `dirs` the directories to sync for its new
+    /// files to be durable too (the caller syncs each once, however many queues share it);
+    /// called by the checkpoint. With `files` false the tail is written out but nothing is
+    /// synced: the caller syncs the whole file system instead, before it relies on them.
+    pub fn sync(
+        &self,
+        vfs: &dyn Vfs,
+        root: &Path,
+        dirs: &mut BTreeSet<PathBuf>,
+        files: bool,
+    ) -> io::Result<()> {
         // Clear the flag before reading `written`: entries the writer adds from now on mark
         // the queue dirty again, so no checkpoint can miss them.
         self.dirty.store(false, Ordering::Release);
         self.flush_tail(vfs)?;
         let written = self.tail.lock().first;
         let synced = self.synced.load(Ordering::Acquire);
-        if written > synced {
+        if written > synced && files {
             let starts: Vec<u64> = self
                 .files
                 .read()
@@ -429,16 +438,18 @@ impl ConsumeQueue {
                 // whichever descriptor wrote them.)
                 f.sync_data()?;
             }
+        }
+        if written > synced {
             self.synced.store(written, Ordering::Release);
         }
         if self.new_files.swap(false, Ordering::AcqRel) {
             // New queue files and directories must survive a crash before the checkpoint
             // claims their entries.
-            vfs.sync_dir(&self.dir)?;
+            dirs.insert(self.dir.clone());
             if let Some(topic_dir) = self.dir.parent() {
-                vfs.sync_dir(topic_dir)?;
+                dirs.insert(topic_dir.to_path_buf());
             }
-            vfs.sync_dir(root)?;
+            dirs.insert(root.to_path_buf());
         }
         Ok(())
     }
@@ -603,7 +614,8 @@ mod tests {
         );
         // Dropped without a sync, the tail is gone (recovery rebuilds it from the commit
         // log); a sync writes it first.
-        q.sync(&fs, dir.path()).expect("sync");
+        q.sync(&fs, dir.path(), &mut BTreeSet::new(), true)
+            .expect("sync");
         assert_eq!(file_entries(dir.path()), 2 * n + 5);
         q.write(&fs, 2 * n + 5, &[e(2 * n + 5)]).expect("write");
         drop(q);

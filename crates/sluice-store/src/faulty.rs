@@ -222,6 +222,27 @@ impl<F: Vfs> Vfs for FaultyFs<F> {
         }
         self.inner.sync_dir(path)
     }
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        if self.faults.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync_fs(path)?;
+        // Every file written through this file system is now synced as it is.
+        let mut synced = self.faults.synced_len.lock();
+        for (p, len) in synced.iter_mut() {
+            if let Ok(f) = self.inner.open(p, false) {
+                *len = f.len()?;
+            }
+        }
+        drop(synced);
+        self.faults.undo.lock().clear();
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut synced = self.faults.synced_len.lock();
         if let Some(len) = synced.remove(from) {
