@@ -22,7 +22,8 @@
 //! With a token configured ([`AdminOptions::token`]), every `/api/` request must carry
 //! `Authorization: Bearer <token>`, otherwise 401 `UNAUTHORIZED`; the probes and
 //! `/metrics` stay open for load balancers and scrapers. At most [`MAX_CONNECTIONS`]
-//! connections are served at once (the API shares the broker's file descriptors).
+//! connections are served at once (the API shares the broker's file descriptors), and one
+//! with no byte either way for [`IDLE_TIMEOUT`] is closed.
 //!
 //! *Architecture invariant*: talks to the broker's admin methods only; it never opens store
 //! files. The wire types live in [`api`] so the CLI parses exactly what the server writes.
@@ -44,7 +45,7 @@ use axum::routing::{get, post};
 use sluice_broker::Broker;
 
 pub use error::ApiError;
-pub use listener::MAX_CONNECTIONS;
+pub use listener::{IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 /// What the status endpoint reports about the running process.
 #[derive(Debug, Clone)]
@@ -195,18 +196,25 @@ pub async fn run(
         },
         options,
     );
-    run_limited(listener, app, serving, MAX_CONNECTIONS, shutdown).await
+    run_limited(
+        listener,
+        app,
+        serving,
+        (MAX_CONNECTIONS, listener::IDLE_TIMEOUT),
+        shutdown,
+    )
+    .await
 }
 
-/// [`run`] with `max_connections` (tests use a small number).
+/// [`run`] with (connection cap, idle timeout) of its own (tests use small ones).
 async fn run_limited(
     listener: tokio::net::TcpListener,
     app: Router,
     serving: Arc<AtomicBool>,
-    max_connections: usize,
+    (max_connections, idle): (usize, std::time::Duration),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener::Limited::new(listener, max_connections), app)
+    axum::serve(listener::Limited::new(listener, max_connections, idle), app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             serving.store(false, Ordering::Release);

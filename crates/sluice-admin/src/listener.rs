@@ -1,10 +1,15 @@
-//! The admin API's listener: at most a fixed number of connections at once.
+//! The admin API's listener: at most a fixed number of connections at once, each closed
+//! after a while without progress.
 //!
 //! The admin API runs in the broker's process and shares its file descriptors. Without a
 //! cap, a flood of connections to it could use them all up, and the store's next file
 //! creation (a segment roll) would fail and fence it. Once the cap is reached, no further
-//! connection is accepted until one closes: they wait in the kernel's listen backlog.
+//! connection is accepted until one closes: they wait in the kernel's listen backlog. So
+//! that connections that send nothing (idle, slowloris) or read nothing cannot hold the
+//! slots for good, a connection on which no byte went either way for [`IDLE_TIMEOUT`]
+//! fails its next read or write, and the HTTP server closes it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,16 +23,21 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Admin connections open at once (operators, the CLI, scrapers and probes need few).
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// A connection with no byte read or written for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub(crate) struct Limited {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    idle: Duration,
 }
 
 impl Limited {
-    pub(crate) fn new(listener: TcpListener, max: usize) -> Limited {
+    pub(crate) fn new(listener: TcpListener, max: usize, idle: Duration) -> Limited {
         Limited {
             listener,
             permits: Arc::new(Semaphore::new(max)),
+            idle,
         }
     }
 }
@@ -36,6 +46,29 @@ impl Limited {
 pub(crate) struct LimitedStream {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    idle: Duration,
+    /// Fires `idle` after the last byte read or written.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl LimitedStream {
+    /// Progress: the idle deadline moves.
+    fn progressed(&mut self) {
+        let at = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(at);
+    }
+
+    /// Called when the stream has nothing to do: an error once the deadline has passed
+    /// (the waker is registered with it otherwise).
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "admin connection idle",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl axum::serve::Listener for Limited {
@@ -55,6 +88,8 @@ impl axum::serve::Listener for Limited {
                         LimitedStream {
                             stream,
                             _permit: permit,
+                            idle: self.idle,
+                            deadline: Box::pin(tokio::time::sleep(self.idle)),
                         },
                         addr,
                     );
@@ -79,7 +114,18 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.progressed();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
     }
 }
 
@@ -89,7 +135,15 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
     }
 
     fn poll_write_vectored(
@@ -97,7 +151,15 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                this.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -702,7 +702,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() -> anyhow::Result<()>
         listener,
         e.app.clone(),
         serving,
-        2,
+        (2, Duration::from_secs(60)),
         std::future::pending(),
     ));
     let idle1 = tokio::net::TcpStream::connect(addr).await?;
@@ -715,6 +715,42 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() -> anyhow::Result<()>
         tokio::time::timeout(Duration::from_millis(300), conn.read_to_string(&mut out)).await;
     anyhow::ensure!(early.is_err(), "answered beyond the cap: {out}");
     drop(idle1);
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut out)).await??;
+    anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "{out}");
+    Ok(())
+}
+
+/// A connection that sends nothing (or stops halfway through a request) is closed once it
+/// has been idle for the timeout, and gives its slot back.
+#[tokio::test]
+async fn idle_connections_are_closed() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let e = env();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let _server = tokio::spawn(run_limited(
+        listener,
+        e.app.clone(),
+        Arc::new(AtomicBool::new(true)),
+        (1, Duration::from_millis(300)),
+        std::future::pending(),
+    ));
+    let t = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(addr).await?;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHo").await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out)).await??;
+    anyhow::ensure!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    // Its slot (the only one) serves the next client.
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut out)).await??;
     anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "{out}");
     Ok(())
