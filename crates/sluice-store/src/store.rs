@@ -539,10 +539,17 @@ impl Store {
                 continue;
             }
             let tdir = cq_root.join(&topic);
-            for qname in vfs
-                .list_dir(&tdir)
-                .map_err(|e| StoreError::io("list", &tdir, e))?
-            {
+            let qnames = match vfs.list_dir(&tdir) {
+                Ok(n) => n,
+                // A file where topic directories are (copied in, left by a tool): it
+                // cannot hold queues, and refusing to start over it would help no one.
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+                    tracing::warn!(path = %tdir.display(), "ignoring a file among the consume-queue directories");
+                    continue;
+                }
+                Err(e) => return Err(StoreError::io("list", &tdir, e)),
+            };
+            for qname in qnames {
                 let Ok(qid) = qname.parse::<u32>() else {
                     continue;
                 };
