@@ -58,6 +58,23 @@ impl LimitedStream {
         self.deadline.as_mut().reset(at);
     }
 
+    /// The outcome of a write: progress moves the deadline; a write that has to wait
+    /// fails once the connection has been idle too long.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.progressed();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => self.check_idle(cx).map(Err),
+        }
+    }
+
     /// Called when the stream has nothing to do: an error once the deadline has passed
     /// (the waker is registered with it otherwise).
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
@@ -136,14 +153,8 @@ impl AsyncWrite for LimitedStream {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.progressed();
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.check_idle(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.wrote(cx, r)
     }
 
     fn poll_write_vectored(
@@ -152,14 +163,8 @@ impl AsyncWrite for LimitedStream {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                this.progressed();
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.check_idle(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
