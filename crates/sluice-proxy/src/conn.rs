@@ -702,7 +702,9 @@ where
         if io.flush().await.is_err() || io.shutdown().await.is_err() {
             return;
         }
-        let mut buf = [0u8; 8192];
+        // On the heap: a buffer in this future would make every connection's task that
+        // much larger, lingering or not.
+        let mut buf = vec![0u8; 8192];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match io.read(&mut buf).await {
