@@ -1652,6 +1652,20 @@ mod tests {
         Ok(())
     }
 
+    /// The frames in `seen` (a byte stream from the start of a frame): (type, stream,
+    /// payload), the last one cut short if it is.
+    fn frames(seen: &[u8]) -> impl Iterator<Item = (u8, u32, &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let h = seen.get(at..at + 9)?;
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]);
+            let payload = &seen[at + 9..(at + 9 + len).min(seen.len())];
+            at += 9 + len;
+            Some((h[3], stream, payload))
+        })
+    }
+
     /// What a raw client sends first: the preface and an empty SETTINGS frame.
     fn raw_start() -> Vec<u8> {
         let mut out = PREFACE.to_vec();
@@ -1686,9 +1700,7 @@ mod tests {
         let mut out = raw_start();
         // One stream (:method POST, :path /echo/1), then 1,000 DATA frames of one byte and
         // 200 bytes of padding each: 201 KB of flow-controlled data, 1,000 bytes of body.
-        let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
-        out.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x4, 0, 0, 0, 1]);
-        out.extend_from_slice(&block);
+        request(&mut out, 1, false, false);
         // The trailer `x-len: 1000` as our HPACK encoder writes it.
         const ECHOED: &[u8] = b"x-len\x041000";
         // The server's answers (window updates among them) are read meanwhile.
@@ -1724,18 +1736,10 @@ mod tests {
         );
         // The connection credit the server returned beyond its opening WINDOW_UPDATE: the
         // padding (200 KB) less what waits below the credit threshold (64 KiB).
-        let mut at = 0;
-        let mut credit = Vec::new();
-        while at + 9 <= seen.len() {
-            let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
-            let stream =
-                u32::from_be_bytes([seen[at + 5], seen[at + 6], seen[at + 7], seen[at + 8]]);
-            if seen[at + 3] == 8 && stream == 0 && at + 13 <= seen.len() {
-                let p = &seen[at + 9..at + 13];
-                credit.push(u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
-            }
-            at += 9 + len;
-        }
+        let credit: Vec<u32> = frames(&seen)
+            .filter(|&(kind, stream, p)| kind == 8 && stream == 0 && p.len() >= 4)
+            .map(|(_, _, p)| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .collect();
         let returned: u32 = credit.iter().skip(1).sum();
         anyhow::ensure!(
             returned >= 100_000,
@@ -1753,10 +1757,8 @@ mod tests {
         let (mut io, _task, _stop) = server(l);
         let mut out = raw_start();
         // Two requests (HEADERS without END_STREAM): :method POST, :path /echo/1.
-        for id in [1u8, 3] {
-            let block = [0x83, 0x04, 0x07, b'/', b'e', b'c', b'h', b'o', b'/', b'1'];
-            out.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x4, 0, 0, 0, id]);
-            out.extend_from_slice(&block);
+        for id in [1, 3] {
+            request(&mut out, id, false, false);
         }
         io.write_all(&out).await?;
         // Stream 3 is refused: RST_STREAM(REFUSED_STREAM) on stream 3.
@@ -1801,17 +1803,10 @@ mod tests {
 
     /// The error codes of the GOAWAY frames in `seen` (a byte stream of whole frames).
     fn goaway_codes(seen: &[u8]) -> Vec<u32> {
-        let mut at = 0;
-        let mut codes = Vec::new();
-        while at + 9 <= seen.len() {
-            let len = u32::from_be_bytes([0, seen[at], seen[at + 1], seen[at + 2]]) as usize;
-            if seen[at + 3] == 7 && len >= 8 && at + 17 <= seen.len() {
-                let c = &seen[at + 13..at + 17];
-                codes.push(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
-            }
-            at += 9 + len;
-        }
-        codes
+        frames(seen)
+            .filter(|&(kind, _, p)| kind == 7 && p.len() >= 8)
+            .map(|(_, _, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]))
+            .collect()
     }
 
     /// A client that opens and cancels streams faster than the budget allows ("rapid
