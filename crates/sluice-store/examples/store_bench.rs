@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_store::{
-    AppendMessage, FlushPolicy, PROP_MSG_ID, StdFs, Store, StoreConfig, VFile, Vfs,
+    AppendMessage, FlushPolicy, FsSync, PROP_MSG_ID, StdFs, Store, StoreConfig, VFile, Vfs,
 };
 
 /// The allocator the `sluice` binary ships with, so the store is measured as it runs there
@@ -270,6 +270,14 @@ impl VFile for SlowSyncFile {
     }
 }
 
+struct SlowFsSync(Arc<dyn FsSync>, Duration);
+
+impl FsSync for SlowFsSync {
+    fn sync(&self) -> std::io::Result<()> {
+        slow_sync(|| self.0.sync(), self.1)
+    }
+}
+
 impl Vfs for SlowSyncFs {
     fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn VFile>> {
         Ok(Arc::new(SlowSyncFile(StdFs.open(path, create)?, self.0)))
@@ -286,8 +294,8 @@ impl Vfs for SlowSyncFs {
     fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
         slow_sync(|| StdFs.sync_dir(path), self.0)
     }
-    fn sync_fs(&self, path: &Path) -> std::io::Result<()> {
-        slow_sync(|| StdFs.sync_fs(path), self.0)
+    fn open_fs_sync(&self, path: &Path) -> std::io::Result<Arc<dyn FsSync>> {
+        Ok(Arc::new(SlowFsSync(StdFs.open_fs_sync(path)?, self.0)))
     }
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
         StdFs.rename(from, to)

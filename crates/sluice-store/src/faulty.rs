@@ -9,6 +9,12 @@
 //! `sync_data` are undone (their previous contents, zeros in allocated space, are put
 //! back, in reverse order) and the file is cut to its length at that sync. Allocations
 //! and truncations count as durable at once (metadata).
+//!
+//! Writeback errors follow Linux's `errseq_t`: an error is reported once to each open
+//! handle of the file, by the next call that waits for writeback through it (`sync_data`,
+//! `write_back`), and a handle opened while an error nobody has seen yet is pending reports
+//! it too. Two threads sharing one handle therefore share one report: whichever waits first
+//! consumes it.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,7 +25,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::fs::{VFile, Vfs};
+use crate::fs::{FsSync, VFile, Vfs};
 
 /// Bytes at an offset before an un-synced write replaced them.
 type Overwritten = (u64, Vec<u8>);
@@ -40,6 +46,10 @@ pub struct Faults {
     /// Number of `sync_data` calls that succeeded.
     pub syncs: AtomicU64,
     synced_len: Mutex<HashMap<PathBuf, u64>>,
+    /// Per file, writeback errors injected so far and whether the latest was reported.
+    wb_errors: Mutex<HashMap<PathBuf, (u64, bool)>>,
+    /// The same for the whole file system (what `syncfs` reports).
+    fs_wb_errors: Mutex<(u64, bool)>,
     /// Per file, what un-synced writes overwrote inside the synced length.
     undo: Mutex<HashMap<PathBuf, Vec<Overwritten>>>,
 }
@@ -49,6 +59,16 @@ impl Faults {
         let f = Self::default();
         f.available_space.store(u64::MAX, Ordering::SeqCst);
         Arc::new(f)
+    }
+
+    /// Writing back a page of `path` failed (as a failing disk does, long after the write
+    /// that dirtied the page returned). Every handle of the file reports EIO once.
+    pub fn inject_writeback_error(&self, path: &Path) {
+        let mut errs = self.wb_errors.lock();
+        let e = errs.entry(path.to_path_buf()).or_insert((0, false));
+        *e = (e.0 + 1, false);
+        let mut fs = self.fs_wb_errors.lock();
+        *fs = (fs.0 + 1, false);
     }
 }
 
@@ -86,6 +106,8 @@ struct FaultyFile {
     inner: Arc<dyn VFile>,
     path: PathBuf,
     faults: Arc<Faults>,
+    /// The writeback errors of the file this handle has reported (its `errseq_t` cursor).
+    wb_seen: AtomicU64,
 }
 
 impl VFile for FaultyFile {
@@ -117,6 +139,7 @@ impl VFile for FaultyFile {
         if self.faults.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
+        self.check_writeback()?;
         self.inner.sync_data()?;
         let len = self.inner.len()?;
         self.faults.synced_len.lock().insert(self.path.clone(), len);
@@ -141,6 +164,7 @@ impl VFile for FaultyFile {
     }
     fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
         // Not durable in this model either: power loss still undoes these bytes.
+        self.check_writeback()?;
         self.inner.write_back(offset, len)
     }
     fn allocate(&self, len: u64) -> io::Result<bool> {
@@ -157,6 +181,19 @@ impl VFile for FaultyFile {
 }
 
 impl FaultyFile {
+    /// Reports a writeback error of the file that this handle has not reported yet.
+    fn check_writeback(&self) -> io::Result<()> {
+        let mut errs = self.faults.wb_errors.lock();
+        if let Some((count, seen)) = errs.get_mut(&self.path)
+            && *count > self.wb_seen.load(Ordering::SeqCst)
+        {
+            self.wb_seen.store(*count, Ordering::SeqCst);
+            *seen = true;
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
     /// Keeps what a write at `offset` of `n` bytes overwrites inside the synced length.
     fn remember(&self, offset: u64, n: usize) -> io::Result<()> {
         let synced = self
@@ -190,7 +227,47 @@ impl FaultyFile {
     }
 }
 
-impl<F: Vfs> Vfs for FaultyFs<F> {
+struct FaultyFsSync<F: Vfs> {
+    fs: F,
+    inner: Arc<dyn FsSync>,
+    faults: Arc<Faults>,
+    /// The file system's writeback errors this handle has reported.
+    wb_seen: AtomicU64,
+}
+
+impl<F: Vfs + Clone> FsSync for FaultyFsSync<F> {
+    fn sync(&self) -> io::Result<()> {
+        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        if self.faults.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        {
+            let mut errs = self.faults.fs_wb_errors.lock();
+            if errs.0 > self.wb_seen.load(Ordering::SeqCst) {
+                self.wb_seen.store(errs.0, Ordering::SeqCst);
+                errs.1 = true;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        self.inner.sync()?;
+        // Every file written through this file system is now synced as it is.
+        let mut synced = self.faults.synced_len.lock();
+        for (p, len) in synced.iter_mut() {
+            if let Ok(f) = self.fs.open(p, false) {
+                *len = f.len()?;
+            }
+        }
+        drop(synced);
+        self.faults.undo.lock().clear();
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
         let existed = self.inner.exists(path);
         let inner = self.inner.open(path, create)?;
@@ -199,10 +276,18 @@ impl<F: Vfs> Vfs for FaultyFs<F> {
         let len = if existed { inner.len()? } else { 0 };
         synced.entry(path.to_path_buf()).or_insert(len);
         drop(synced);
+        // A new handle starts past the errors already reported, but reports one nobody has
+        // seen yet.
+        let wb_seen = match self.faults.wb_errors.lock().get(path) {
+            Some(&(count, true)) => count,
+            Some(&(count, false)) => count.saturating_sub(1),
+            None => 0,
+        };
         Ok(Arc::new(FaultyFile {
             inner,
             path: path.to_path_buf(),
             faults: self.faults.clone(),
+            wb_seen: AtomicU64::new(wb_seen),
         }))
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -222,26 +307,17 @@ impl<F: Vfs> Vfs for FaultyFs<F> {
         }
         self.inner.sync_dir(path)
     }
-    fn sync_fs(&self, path: &Path) -> io::Result<()> {
-        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        if self.faults.fail_sync.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.sync_fs(path)?;
-        // Every file written through this file system is now synced as it is.
-        let mut synced = self.faults.synced_len.lock();
-        for (p, len) in synced.iter_mut() {
-            if let Ok(f) = self.inner.open(p, false) {
-                *len = f.len()?;
-            }
-        }
-        drop(synced);
-        self.faults.undo.lock().clear();
-        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+    fn open_fs_sync(&self, path: &Path) -> io::Result<Arc<dyn FsSync>> {
+        Ok(Arc::new(FaultyFsSync {
+            fs: self.inner.clone(),
+            inner: self.inner.open_fs_sync(path)?,
+            faults: self.faults.clone(),
+            // Like `FaultyFile`: starts past the errors already reported.
+            wb_seen: AtomicU64::new(match *self.faults.fs_wb_errors.lock() {
+                (count, true) => count,
+                (count, false) => count.saturating_sub(1),
+            }),
+        }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut synced = self.faults.synced_len.lock();

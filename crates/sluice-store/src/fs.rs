@@ -47,6 +47,17 @@ pub trait VFile: Send + Sync {
     }
 }
 
+/// Syncs a whole file system, data and metadata (`syncfs`): one call where thousands of
+/// files would each need a sync.
+///
+/// Linux (5.8 and later) reports a writeback error of the file system to a `syncfs`
+/// through a descriptor only if the error came after the descriptor was opened (or nobody
+/// had seen it yet). A descriptor opened for each call would miss a page that failed
+/// writeback in the background before it; one handle kept from the store's start does not.
+pub trait FsSync: Send + Sync {
+    fn sync(&self) -> io::Result<()>;
+}
+
 /// A file system.
 pub trait Vfs: Send + Sync + 'static {
     /// Opens a file for reading and writing, creating it when `create` is set.
@@ -57,9 +68,9 @@ pub trait Vfs: Send + Sync + 'static {
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Makes a directory's entries (created, removed, renamed files) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
-    /// Makes every file and directory of the file system holding `path` durable, data and
-    /// metadata (`syncfs`): one call where thousands of files would each need a sync.
-    fn sync_fs(&self, path: &Path) -> io::Result<()>;
+    /// A handle that makes every file and directory of the file system holding `path`
+    /// durable (`syncfs`). Open it once and keep it: see [`FsSync`].
+    fn open_fs_sync(&self, path: &Path) -> io::Result<Arc<dyn FsSync>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     /// Bytes available to unprivileged writers on the file system holding `path`.
@@ -127,6 +138,20 @@ impl VFile for StdFile {
     }
 }
 
+struct StdFsSync(File);
+
+impl FsSync for StdFsSync {
+    fn sync(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs takes an open descriptor, which `self` owns. It reports writeback
+        // errors of the file system since Linux 5.8.
+        if unsafe { libc::syncfs(self.0.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl Vfs for StdFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
         let f = OpenOptions::new()
@@ -154,15 +179,8 @@ impl Vfs for StdFs {
         // A directory fsync makes file creations, removals and renames durable.
         File::open(path)?.sync_all()
     }
-    fn sync_fs(&self, path: &Path) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let dir = File::open(path)?;
-        // SAFETY: syncfs takes an open descriptor, which `dir` holds for the call. It
-        // reports writeback errors of the file system since Linux 5.8.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+    fn open_fs_sync(&self, path: &Path) -> io::Result<Arc<dyn FsSync>> {
+        Ok(Arc::new(StdFsSync(File::open(path)?)))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use commitlog::ScanOutcome;
 pub use consume_queue::{CqEntry, tag_hash};
-pub use fs::{StdFs, VFile, Vfs};
+pub use fs::{FsSync, StdFs, VFile, Vfs};
 pub use record::{AppendMessage, PROP_KEYS, PROP_MSG_ID, PROP_TAGS, StoredMessage};
 pub use store::{
     AppendResult, ReadBatch, ReadStatus, RecoveryReport, RetentionReport, Store, StoreStats,

@@ -65,7 +65,7 @@ use crate::checkpoint::Checkpoint;
 use crate::commitlog::{CommitLog, Segment};
 use crate::consume_queue::{ConsumeQueue, CqEntry, tag_hash};
 use crate::file_cache::FileCache;
-use crate::fs::{StdFs, Vfs};
+use crate::fs::{FsSync, StdFs, Vfs};
 use crate::index::{Index, id_hash, key_hash};
 use crate::record::{
     self, AppendMessage, PROP_KEYS, PROP_MSG_ID, PROP_TAGS, Placement, StoredMessage,
@@ -200,6 +200,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     clog: CommitLog,
     cq_root: PathBuf,
+    /// `syncfs` of the file system holding the data, opened with the store (see [`FsSync`]).
+    fs_sync: Arc<dyn FsSync>,
     /// Open consume-queue files, at most `open_queue_files`.
     cq_files: Arc<FileCache>,
     queues: RwLock<HashMap<String, HashMap<u32, Arc<ConsumeQueue>>>>,
@@ -439,8 +441,8 @@ impl Shared {
         if one_sync {
             // Consume-queue files and their new directories, the written commit log with
             // them: durable before the checkpoint below claims their entries.
-            self.vfs
-                .sync_fs(&self.cq_root)
+            self.fs_sync
+                .sync()
                 .map_err(|e| StoreError::io("sync file system", &self.cq_root, e))?;
         } else {
             // Each directory with new queue files or directories once (the 8 queues of a
@@ -529,6 +531,10 @@ impl Store {
         let cq_files = Arc::new(FileCache::new(config.open_queue_files));
         vfs.create_dir_all(&cq_root)
             .map_err(|e| StoreError::io("create dir", &cq_root, e))?;
+        // Before anything is written: it reports the writeback errors from here on.
+        let fs_sync = vfs
+            .open_fs_sync(&cq_root)
+            .map_err(|e| StoreError::io("open", &cq_root, e))?;
         let mut queues: HashMap<String, HashMap<u32, Arc<ConsumeQueue>>> = HashMap::new();
         let mut damaged = false;
         for topic in vfs
@@ -589,6 +595,7 @@ impl Store {
             clock,
             clog,
             cq_root,
+            fs_sync,
             cq_files,
             queues: RwLock::new(queues),
             index,
@@ -669,8 +676,14 @@ impl Store {
         } else {
             None
         };
-        let zero = (shared.config.flush == FlushPolicy::Sync && shared.config.zero_ahead > 0)
-            .then(|| ZeroAhead::new(shared.config.segment_size, shared.config.zero_ahead));
+        let zero =
+            (shared.config.flush == FlushPolicy::Sync && shared.config.zero_ahead > 0).then(|| {
+                ZeroAhead::new(
+                    shared.vfs.clone(),
+                    shared.config.segment_size,
+                    shared.config.zero_ahead,
+                )
+            });
         if let Some(z) = zero.clone() {
             threads.push(
                 std::thread::Builder::new()

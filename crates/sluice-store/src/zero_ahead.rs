@@ -18,6 +18,13 @@
 //! the zeroer never claims below the writer's published end. So zeros never overwrite a
 //! record. They are what the reserved space reads as anyway: recovery sees no difference.
 //!
+//! The zeroer writes through a descriptor of its own. Linux reports a writeback error once
+//! per open file (`errseq_t`), to the first call that waits for writeback through it, and
+//! `sync_file_range` waits. On the writer's descriptor the zeroer would take the report of
+//! a failed record page from the syncer, whose next fdatasync would then succeed and
+//! acknowledge records the disk did not keep. With its own descriptor each side gets the
+//! report: the zeroer stops, the syncer fences the store.
+//!
 //! Only Sync mode uses it, and only while group commits are small (under 256 KiB on
 //! average): in Async mode nothing waits for the fdatasync, and for large commits the data
 //! dominates the fdatasync while the zeros would double the bytes written.
@@ -27,6 +34,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use crate::commitlog::Segment;
+use crate::fs::{VFile, Vfs};
 
 const PAGE: u64 = 4096;
 /// Distance the zeroer keeps from the writer's last write, so the two rarely meet.
@@ -39,8 +47,9 @@ const LARGE_WRITE: u64 = 256 << 10;
 const PIECE: u64 = 64 << 10;
 
 struct State {
-    /// The active segment (None while the writer rolls to the next one).
-    seg: Option<Arc<Segment>>,
+    /// The active segment and the zeroer's own handle of its file (None while the writer
+    /// rolls to the next one, or when the file could not be opened again).
+    seg: Option<(Arc<Segment>, Arc<dyn VFile>)>,
     /// End (commit-log offset) of the writer's last write.
     written_end: u64,
     /// Everything from `written_end` up to here is zero-filled and written back.
@@ -53,6 +62,7 @@ struct State {
 }
 
 pub(crate) struct ZeroAhead {
+    vfs: Arc<dyn Vfs>,
     st: Mutex<State>,
     cv: Condvar,
     segment_size: u64,
@@ -62,8 +72,9 @@ pub(crate) struct ZeroAhead {
 }
 
 impl ZeroAhead {
-    pub fn new(segment_size: u64, ahead: u64) -> Arc<ZeroAhead> {
+    pub fn new(vfs: Arc<dyn Vfs>, segment_size: u64, ahead: u64) -> Arc<ZeroAhead> {
         Arc::new(ZeroAhead {
+            vfs,
             st: Mutex::new(State {
                 seg: None,
                 written_end: 0,
@@ -81,11 +92,19 @@ impl ZeroAhead {
 
     /// The writer writes into `seg` from `pos` on.
     pub fn set_segment(&self, seg: Arc<Segment>, pos: u64) {
+        let file = match self.vfs.open(&seg.path, false) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // Only a lost optimisation: appends land in reserved blocks.
+                tracing::warn!(path = %seg.path.display(), error = %e, "cannot open the segment for zero-filling; not zero-filling it");
+                None
+            }
+        };
         let mut st = self.st.lock();
         while st.claim.is_some() {
             self.cv.wait(&mut st);
         }
-        st.seg = Some(seg);
+        st.seg = file.map(|f| (seg, f));
         st.written_end = pos;
         st.zeroed_to = pos;
         self.cv.notify_all();
@@ -122,13 +141,13 @@ impl ZeroAhead {
     pub fn run(&self) {
         let zeros = vec![0u8; PIECE as usize];
         loop {
-            let (seg, from, to) = {
+            let (seg, file, from, to) = {
                 let mut st = self.st.lock();
                 loop {
                     if st.stop {
                         return;
                     }
-                    if let Some(seg) = st.seg.clone() {
+                    if let Some((seg, file)) = st.seg.clone() {
                         let seg_end = seg.start + self.segment_size;
                         let from = st
                             .zeroed_to
@@ -139,7 +158,7 @@ impl ZeroAhead {
                         {
                             let to = (from + self.chunk).min(seg_end);
                             st.claim = Some((from, to));
-                            break (seg, from, to);
+                            break (seg, file, from, to);
                         }
                     }
                     self.cv.wait(&mut st);
@@ -152,23 +171,23 @@ impl ZeroAhead {
             let mut at = from;
             while at < to && r.is_ok() {
                 let n = (to - at).min(PIECE);
-                r = seg
-                    .file
+                r = file
                     .write_all_at(&zeros[..n as usize], at - seg.start)
-                    .and_then(|()| seg.file.write_back(at - seg.start, n));
+                    .and_then(|()| file.write_back(at - seg.start, n));
                 at += n;
             }
             let mut st = self.st.lock();
             st.claim = None;
             match r {
                 Ok(()) => {
-                    if st.seg.as_ref().is_some_and(|s| Arc::ptr_eq(s, &seg)) {
+                    if st.seg.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, &seg)) {
                         st.zeroed_to = to;
                     }
                 }
                 Err(e) => {
                     // Only a lost optimisation: appends still land in reserved blocks. A real
-                    // disk error also reaches the syncer's next fdatasync, which fences.
+                    // disk error also reaches the syncer's next fdatasync (through its own
+                    // descriptor, see the module docs), which fences.
                     tracing::warn!(path = %seg.path.display(), error = %e, "zero-filling ahead failed; stopped");
                     st.stop = true;
                 }
@@ -181,7 +200,8 @@ impl ZeroAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::{StdFs, Vfs};
+    use crate::faulty::{Faults, FaultyFs};
+    use crate::fs::StdFs;
 
     /// A zeroer running over a fresh segment file of `size` bytes in `dir`.
     fn start(
@@ -189,14 +209,23 @@ mod tests {
         size: u64,
         ahead: u64,
     ) -> (Arc<ZeroAhead>, Arc<Segment>, std::thread::JoinHandle<()>) {
+        start_on(Arc::new(StdFs), dir, size, ahead)
+    }
+
+    fn start_on(
+        vfs: Arc<dyn Vfs>,
+        dir: &std::path::Path,
+        size: u64,
+        ahead: u64,
+    ) -> (Arc<ZeroAhead>, Arc<Segment>, std::thread::JoinHandle<()>) {
         let path = dir.join(format!("{:020}", 0));
-        let file = StdFs.open(&path, true).expect("open");
+        let file = vfs.open(&path, true).expect("open");
         let seg = Arc::new(Segment {
             start: 0,
             file,
             path,
         });
-        let z = ZeroAhead::new(size, ahead);
+        let z = ZeroAhead::new(vfs, size, ahead);
         z.set_segment(seg.clone(), 0);
         let zz = z.clone();
         (z, seg, std::thread::spawn(move || zz.run()))
@@ -239,6 +268,33 @@ mod tests {
             "zeros stay inside the segment"
         );
         z.stop();
+        t.join().expect("join");
+    }
+
+    /// A page of the segment fails writeback while the zeroer runs: the zeroer's
+    /// `sync_file_range` sees the error, and the writer's descriptor, through which the
+    /// syncer runs its fdatasync, must still report it. On a shared descriptor the zeroer
+    /// would consume the only report and the next fdatasync would succeed.
+    #[test]
+    fn a_writeback_error_the_zeroer_sees_still_reaches_the_syncer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Faults::new();
+        let vfs: Arc<dyn Vfs> = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+        let size = 8 << 20;
+        let (z, seg, t) = start_on(vfs, dir.path(), size, 1 << 20);
+        seg.file.write_all_at(&[0xAB; 100], 0).expect("write");
+        faults.inject_writeback_error(&seg.path);
+        z.before_write(0, 100);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !z.st.lock().stop && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(z.st.lock().stop, "the zeroer saw the error and stopped");
+        assert!(
+            seg.file.sync_data().is_err(),
+            "the fdatasync after the error must fail"
+        );
+        assert!(seg.file.sync_data().is_ok(), "reported once per descriptor");
         t.join().expect("join");
     }
 }
