@@ -268,6 +268,9 @@ impl VFile for SlowSyncFile {
     fn write_back(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.0.write_back(offset, len)
     }
+    fn start_write_back(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.start_write_back(offset, len)
+    }
 }
 
 struct SlowFsSync(Arc<dyn FsSync>, Duration);

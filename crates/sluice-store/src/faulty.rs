@@ -45,6 +45,8 @@ pub struct Faults {
     pub available_space: AtomicU64,
     /// Number of `sync_data` calls that succeeded.
     pub syncs: AtomicU64,
+    /// Number of `start_write_back` calls (writeback hints).
+    pub write_back_hints: AtomicU64,
     synced_len: Mutex<HashMap<PathBuf, u64>>,
     /// Per file, writeback errors injected so far and whether the latest was reported.
     wb_errors: Mutex<HashMap<PathBuf, (u64, bool)>>,
@@ -166,6 +168,12 @@ impl VFile for FaultyFile {
         // Not durable in this model either: power loss still undoes these bytes.
         self.check_writeback()?;
         self.inner.write_back(offset, len)
+    }
+    fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Does not wait, so it reports no writeback error (nor consumes one), and it makes
+        // nothing durable: power loss still undoes these bytes.
+        self.faults.write_back_hints.fetch_add(1, Ordering::SeqCst);
+        self.inner.start_write_back(offset, len)
     }
     fn allocate(&self, len: u64) -> io::Result<bool> {
         let before = self.inner.len()?;

@@ -33,6 +33,14 @@ pub trait VFile: Send + Sync {
         Ok(())
     }
 
+    /// Starts writing back the dirty pages of `[offset, offset + len)` and returns without
+    /// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Only a hint: nothing becomes
+    /// durable, and since it does not wait it reports (and so consumes) no writeback error.
+    /// The default does nothing.
+    fn start_write_back(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Reads exactly `buf.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
@@ -115,26 +123,33 @@ impl VFile for StdFile {
         }
     }
     fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let (Ok(off), Ok(n)) = (
-            libc::off64_t::try_from(offset),
-            libc::off64_t::try_from(len),
-        ) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range too large",
-            ));
-        };
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: sync_file_range on a descriptor this struct owns; no memory is passed.
-        let r = unsafe { libc::sync_file_range(self.0.as_raw_fd(), off, n, flags) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        sync_file_range(&self.0, offset, len, flags)
+    }
+    fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        sync_file_range(&self.0, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    }
+}
+
+fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    // SAFETY: sync_file_range on an open descriptor; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

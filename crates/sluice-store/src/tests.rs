@@ -514,14 +514,16 @@ fn power_loss_keeps_every_sync_ack() {
 }
 
 /// Group commits that span segment rolls: each fdatasync has to cover the tail of the old
-/// segment as well as the head of the new one.
+/// segment as well as the head of the new one. The batches are large enough for the writer
+/// to start their writeback early, which must make nothing count as durable.
 #[test]
 fn power_loss_keeps_sync_acks_across_segment_rolls() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (s, _faults, fs) = faulty(dir.path(), FlushPolicy::Sync);
+    let (s, faults, fs) = faulty(dir.path(), FlushPolicy::Sync);
     let body = |i: u64| Bytes::from(vec![(i % 251) as u8; 90_000 + (i as usize % 7) * 1000]);
     // ≈ 4.6 MiB in batches of 5 records (≈ 450 KB) over 1 MiB segments.
     let n = append_bodies(&s, "r", 10, 5, body);
+    assert!(faults.write_back_hints.load(Ordering::SeqCst) > 0);
     drop(s);
     let s = lose_power_and_reopen(dir.path(), fs);
     assert_bodies(&s, "r", n, body);
