@@ -442,6 +442,8 @@ impl CommitLog {
         let old = segs.remove(0);
         drop(segs);
         self.vfs.remove_file(&old.path)?;
+        // The removal must be durable: a segment that came back after a crash would sit
+        // below the queues' moved minimum offsets.
         self.vfs.sync_dir(&self.dir)?;
         Ok(Some(next))
     }

@@ -400,6 +400,8 @@ impl Index {
             end_ts: a.end_ts,
             end_offset: a.end_offset,
         });
+        // The successor was just created: its directory entry (and the sealed file's, if
+        // that one is new too) must be durable before a checkpoint counts on them.
         self.vfs.sync_dir(&self.dir)
     }
 
