@@ -11,6 +11,7 @@
 //!     [--group-commit-wait-us N]  (the store's `group_commit_wait`; default its own)
 //!     [--inline-sync-spin-us N]   (the store's `inline_sync_spin`; default its own, 0 turns it off)
 //!     [--segment-mib N]      (the store's `segment_size`; default its own, 1 GiB)
+//!     [--syncer-nice N]      (the store's `syncer_nice`; default its own, 0 leaves it)
 //!     [--queues N]           (only the many-queues run, below)
 //! ```
 //!
@@ -72,6 +73,7 @@ struct Setup {
     group_commit_wait: Option<Duration>,
     inline_sync_spin: Option<Duration>,
     segment_size: Option<u64>,
+    syncer_nice: Option<i32>,
 }
 
 impl Setup {
@@ -87,6 +89,7 @@ impl Setup {
         cfg.group_commit_wait = self.group_commit_wait.unwrap_or(cfg.group_commit_wait);
         cfg.inline_sync_spin = self.inline_sync_spin.unwrap_or(cfg.inline_sync_spin);
         cfg.segment_size = self.segment_size.unwrap_or(cfg.segment_size);
+        cfg.syncer_nice = self.syncer_nice.unwrap_or(cfg.syncer_nice);
         if self.fsync_delay_ms == 0 {
             return Ok(Store::open(cfg)?);
         }
@@ -138,12 +141,13 @@ fn parse_args() -> anyhow::Result<Args> {
                 a.setup.inline_sync_spin = Some(Duration::from_micros(v()?.parse()?))
             }
             "--segment-mib" => a.setup.segment_size = Some(v()?.parse::<u64>()? << 20),
+            "--syncer-nice" => a.setup.syncer_nice = Some(v()?.parse()?),
             "--help" | "-h" => {
                 println!(
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
                      [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--size BYTES]\n    \
                      [--zero-ahead BYTES] [--inline-sync N] [--group-commit-wait-us N]\n    \
-                     [--inline-sync-spin-us N] [--segment-mib N] [--queues N]\n\
+                     [--inline-sync-spin-us N] [--segment-mib N] [--syncer-nice N] [--queues N]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);

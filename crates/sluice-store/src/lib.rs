@@ -90,6 +90,12 @@ pub struct StoreConfig {
     /// microseconds, while waking a sleeping thread costs about as much again on a VM; the
     /// spin takes at most this much of one core per group commit. Zero sleeps at once.
     pub inline_sync_spin: Duration,
+    /// Sync only: nice value of the syncer thread, on which every large group commit waits
+    /// (its fdatasync, then answering the appenders). When it became runnable it often
+    /// queued behind the writer and the runtime's threads; a negative value lets it run
+    /// first. Lowering it needs `CAP_SYS_NICE` (or root): without, the thread keeps the
+    /// process's priority and the store says so once. Zero leaves it alone.
+    pub syncer_nice: i32,
 }
 
 impl StoreConfig {
@@ -113,6 +119,7 @@ impl StoreConfig {
             zero_ahead: 8 << 20,
             inline_sync_max: 64,
             inline_sync_spin: Duration::from_micros(20),
+            syncer_nice: -10,
         }
     }
 

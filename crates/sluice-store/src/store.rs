@@ -1927,6 +1927,7 @@ fn spin_recv<T>(rx: &mpsc::Receiver<T>, spin: Duration) -> Option<T> {
 /// Sync mode: makes written batches durable with one fdatasync per group, then publishes
 /// and acknowledges them (see *Cohorts* in the module docs for the wait).
 fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Sender<Kick>) {
+    set_thread_nice(shared.config.syncer_nice, "syncer");
     let count = |jobs: &[SyncJob]| jobs.iter().map(|j| j.replies.len()).sum::<usize>();
     while let Ok(first) = rx.recv() {
         // Before `awaiting_sync` drops: the writer checks both to know the syncer is idle.
@@ -1963,6 +1964,21 @@ fn syncer(shared: Arc<Shared>, rx: mpsc::Receiver<SyncJob>, _flusher: mpsc::Send
             + shared.awaiting_sync.load(Ordering::Acquire) as usize;
         shared.cohort.store(expected as u64, Ordering::Release);
         shared.syncer_busy.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Sets the nice value of the calling thread (Linux schedules threads one by one); zero
+/// leaves it alone. A refusal (no `CAP_SYS_NICE`) is logged once and otherwise ignored.
+fn set_thread_nice(nice: i32, thread: &str) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority takes plain integers.
+    let tid = unsafe { libc::gettid() };
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::info!(thread, nice, error = %e, "cannot change the thread's priority (needs CAP_SYS_NICE); it keeps the process's");
     }
 }
 

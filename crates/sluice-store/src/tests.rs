@@ -1189,3 +1189,58 @@ fn a_writeback_error_before_a_checkpoint_fences_the_store() -> anyhow::Result<()
     anyhow::ensure!(why.contains("sync file system"), "{why}");
     Ok(())
 }
+
+/// Nice values of this process's threads named `name`.
+fn thread_nices(name: &str) -> anyhow::Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task")? {
+        let dir = t?.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat"))?;
+        // Fields after the command name (which may hold spaces) start with the third.
+        let rest = stat
+            .rsplit_once(')')
+            .ok_or_else(|| anyhow::anyhow!("odd stat {stat}"))?
+            .1;
+        let nice = rest
+            .split_whitespace()
+            .nth(16)
+            .ok_or_else(|| anyhow::anyhow!("odd stat {stat}"))?;
+        out.push(nice.parse()?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_syncer_runs_at_the_configured_priority_where_allowed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut c = StoreConfig::small(dir.path());
+    c.syncer_nice = -3;
+    let s = Store::open_with(c, Arc::new(StdFs), Arc::new(SystemClock))?;
+    s.append_blocking(vec![msg("t", 0, 0)])?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // The syncer sets it as it starts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let nices = thread_nices("sluice-store-sy")?;
+            if nices.contains(&-3) {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "syncer nice values: {nices:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // Allowed or not, the store works.
+    s.append_blocking(vec![msg("t", 0, 1)])?;
+    anyhow::ensure!(s.queue_offsets("t", 0) == (0, 2));
+    Ok(())
+}

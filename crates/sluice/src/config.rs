@@ -168,6 +168,26 @@ impl Setting for u32 {
     }
 }
 
+impl Setting for i32 {
+    fn parse(v: &toml::Value) -> Result<Self, String> {
+        let n = match v {
+            toml::Value::Integer(i) => i32::try_from(*i).ok(),
+            toml::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        n.ok_or_else(|| {
+            format!(
+                "expected a whole number from {} to {}, found {v}",
+                i32::MIN,
+                i32::MAX
+            )
+        })
+    }
+    fn render(&self) -> toml::Value {
+        toml::Value::Integer(i64::from(*self))
+    }
+}
+
 impl Setting for bool {
     fn parse(v: &toml::Value) -> Result<Self, String> {
         match v {
@@ -371,6 +391,8 @@ section! {
         inline_sync_spin: HumanDuration = HumanDuration(lib_store().inline_sync_spin),
         /// Consume-queue files kept open at once; the least recently used are closed.
         open_queue_files: u32 = u32::try_from(lib_store().open_queue_files).unwrap_or(u32::MAX),
+        /// Sync flush: nice value of the syncer thread; negative needs CAP_SYS_NICE.
+        syncer_nice: i32 = lib_store().syncer_nice,
     }
 }
 
@@ -689,6 +711,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(-20..=19).contains(&st.syncer_nice) {
+            bad(
+                "[store] syncer_nice",
+                "must be between -20 and 19 (a Linux nice value)".into(),
+            );
+        }
         if st.open_queue_files < 16 {
             bad(
                 "[store] open_queue_files",
@@ -778,6 +806,7 @@ impl Config {
             inline_sync_max: s.inline_sync_max as usize,
             inline_sync_spin: s.inline_sync_spin.0,
             open_queue_files: s.open_queue_files as usize,
+            syncer_nice: s.syncer_nice,
             ..StoreConfig::new(&self.server.data_dir)
         }
     }
@@ -1144,7 +1173,7 @@ mod tests {
         let errs = errors(load_str(
             "[server]\nadmin_listen = \"127.0.0.1:8081\"\nworker_threads = 5000\n[store]\nsegment_size = \"4MiB\"\n\
              max_message_size = \"8MiB\"\nretention = \"0s\"\ninline_sync_spin = \"5ms\"\n\
-             checkpoint_interval = \"500us\"\nopen_queue_files = 8\n\
+             checkpoint_interval = \"500us\"\nopen_queue_files = 8\nsyncer_nice = -21\n\
              [broker]\nmax_body_size = \"16MiB\"\n",
             &[],
         ));
@@ -1157,6 +1186,7 @@ mod tests {
             "[store] inline_sync_spin",
             "[store] checkpoint_interval: must be at least 1ms",
             "[store] open_queue_files: must be at least 16",
+            "[store] syncer_nice: must be between -20 and 19",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),
@@ -1172,6 +1202,7 @@ mod tests {
         c.store.disk_budget = Some(ByteSize(3_000_000_000));
         c.store.flush_interval = HumanDuration(Duration::from_millis(1500));
         c.broker.name = "b \"quoted\"".into();
+        c.store.syncer_nice = -5;
         c.server.admin_token = Some("s3cret".into());
         let text = c.to_toml(true);
         assert!(text.contains("retention = \"off\""), "{text}");
