@@ -63,6 +63,18 @@ impl Faults {
         Arc::new(f)
     }
 
+    /// What every sync does first: the configured delay, then the configured failure.
+    fn before_sync(&self) -> io::Result<()> {
+        let delay = self.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
     /// Writing back a page of `path` failed (as a failing disk does, long after the write
     /// that dirtied the page returned). Every handle of the file reports EIO once.
     pub fn inject_writeback_error(&self, path: &Path) {
@@ -134,13 +146,7 @@ impl VFile for FaultyFile {
         self.inner.read_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
-        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        if self.faults.fail_sync.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
+        self.faults.before_sync()?;
         self.check_writeback()?;
         self.inner.sync_data()?;
         let len = self.inner.len()?;
@@ -188,18 +194,34 @@ impl VFile for FaultyFile {
     }
 }
 
+/// `errseq_t` in small: `errs` is (errors so far, whether the latest was reported) of a file
+/// or a file system, `seen` a handle's cursor. Reports EIO once per handle per new error.
+fn report_once(errs: &mut (u64, bool), seen: &AtomicU64) -> io::Result<()> {
+    if errs.0 > seen.load(Ordering::SeqCst) {
+        seen.store(errs.0, Ordering::SeqCst);
+        errs.1 = true;
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
+/// Where a new handle's cursor starts: past the errors already reported, but before one
+/// nobody has seen yet (Linux's `errseq_sample`).
+fn first_unseen(errs: Option<(u64, bool)>) -> u64 {
+    match errs {
+        Some((count, true)) => count,
+        Some((count, false)) => count.saturating_sub(1),
+        None => 0,
+    }
+}
+
 impl FaultyFile {
     /// Reports a writeback error of the file that this handle has not reported yet.
     fn check_writeback(&self) -> io::Result<()> {
-        let mut errs = self.faults.wb_errors.lock();
-        if let Some((count, seen)) = errs.get_mut(&self.path)
-            && *count > self.wb_seen.load(Ordering::SeqCst)
-        {
-            self.wb_seen.store(*count, Ordering::SeqCst);
-            *seen = true;
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        match self.faults.wb_errors.lock().get_mut(&self.path) {
+            Some(errs) => report_once(errs, &self.wb_seen),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Keeps what a write at `offset` of `n` bytes overwrites inside the synced length.
@@ -245,21 +267,8 @@ struct FaultyFsSync<F: Vfs> {
 
 impl<F: Vfs + Clone> FsSync for FaultyFsSync<F> {
     fn sync(&self) -> io::Result<()> {
-        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        if self.faults.fail_sync.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        {
-            let mut errs = self.faults.fs_wb_errors.lock();
-            if errs.0 > self.wb_seen.load(Ordering::SeqCst) {
-                self.wb_seen.store(errs.0, Ordering::SeqCst);
-                errs.1 = true;
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-        }
+        self.faults.before_sync()?;
+        report_once(&mut self.faults.fs_wb_errors.lock(), &self.wb_seen)?;
         self.inner.sync()?;
         // Every file written through this file system is now synced as it is.
         let mut synced = self.faults.synced_len.lock();
@@ -286,11 +295,7 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
         drop(synced);
         // A new handle starts past the errors already reported, but reports one nobody has
         // seen yet.
-        let wb_seen = match self.faults.wb_errors.lock().get(path) {
-            Some(&(count, true)) => count,
-            Some(&(count, false)) => count.saturating_sub(1),
-            None => 0,
-        };
+        let wb_seen = first_unseen(self.faults.wb_errors.lock().get(path).copied());
         Ok(Arc::new(FaultyFile {
             inner,
             path: path.to_path_buf(),
@@ -321,10 +326,7 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
             inner: self.inner.open_fs_sync(path)?,
             faults: self.faults.clone(),
             // Like `FaultyFile`: starts past the errors already reported.
-            wb_seen: AtomicU64::new(match *self.faults.fs_wb_errors.lock() {
-                (count, true) => count,
-                (count, false) => count.saturating_sub(1),
-            }),
+            wb_seen: AtomicU64::new(first_unseen(Some(*self.faults.fs_wb_errors.lock()))),
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -154,39 +154,33 @@ impl Setting for SocketAddr {
     }
 }
 
-impl Setting for u32 {
-    fn parse(v: &toml::Value) -> Result<Self, String> {
-        let n = match v {
-            toml::Value::Integer(i) => u32::try_from(*i).ok(),
-            toml::Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        };
-        n.ok_or_else(|| format!("expected a whole number from 0 to {}, found {v}", u32::MAX))
-    }
-    fn render(&self) -> toml::Value {
-        toml::Value::Integer(i64::from(*self))
-    }
+/// Whole-number settings: a TOML integer or a string of one (environment overrides are
+/// strings), within the type's range.
+macro_rules! int_setting {
+    ($($t:ty),*) => {$(
+        impl Setting for $t {
+            fn parse(v: &toml::Value) -> Result<Self, String> {
+                let n = match v {
+                    toml::Value::Integer(i) => <$t>::try_from(*i).ok(),
+                    toml::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                };
+                n.ok_or_else(|| {
+                    format!(
+                        "expected a whole number from {} to {}, found {v}",
+                        <$t>::MIN,
+                        <$t>::MAX
+                    )
+                })
+            }
+            fn render(&self) -> toml::Value {
+                toml::Value::Integer(i64::from(*self))
+            }
+        }
+    )*};
 }
 
-impl Setting for i32 {
-    fn parse(v: &toml::Value) -> Result<Self, String> {
-        let n = match v {
-            toml::Value::Integer(i) => i32::try_from(*i).ok(),
-            toml::Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        };
-        n.ok_or_else(|| {
-            format!(
-                "expected a whole number from {} to {}, found {v}",
-                i32::MIN,
-                i32::MAX
-            )
-        })
-    }
-    fn render(&self) -> toml::Value {
-        toml::Value::Integer(i64::from(*self))
-    }
-}
+int_setting!(u32, i32);
 
 impl Setting for bool {
     fn parse(v: &toml::Value) -> Result<Self, String> {
