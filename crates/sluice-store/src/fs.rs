@@ -28,7 +28,9 @@ pub trait VFile: Send + Sync {
     fn allocate(&self, len: u64) -> io::Result<bool>;
     /// Writes back the dirty pages of `[offset, offset + len)` and waits for them
     /// (`sync_file_range`). Not a durability point: no metadata is committed and no disk
-    /// cache flushed. The default does nothing.
+    /// cache flushed. Since it waits, it reports a writeback error of the file, once per
+    /// open descriptor: a caller sharing a descriptor with whoever runs the fdatasync takes
+    /// the report from it (see `zero_ahead.rs`). The default does nothing.
     fn write_back(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
