@@ -310,6 +310,9 @@ impl Vfs for SlowSyncFs {
     fn exists(&self, path: &Path) -> bool {
         StdFs.exists(path)
     }
+    fn file_len(&self, path: &Path) -> std::io::Result<u64> {
+        StdFs.file_len(path)
+    }
     fn available_space(&self, path: &Path) -> std::io::Result<u64> {
         StdFs.available_space(path)
     }

@@ -133,8 +133,9 @@ impl ConsumeQueue {
 
     /// Opens (or creates) a queue directory. A trailing partial entry is cut off; the
     /// returned flag says whether the files looked damaged (partial entry or a short file
-    /// in the middle), in which case the caller rebuilds from the commit log. File handles
-    /// are kept in `cache`, which bounds how many are open at once.
+    /// in the middle), in which case the caller rebuilds from the commit log. Files are
+    /// sized here, not opened: their handles go into `cache` (which bounds how many are
+    /// open at once) when they are first read or written.
     pub fn open(
         vfs: &dyn Vfs,
         root: &Path,
@@ -144,21 +145,30 @@ impl ConsumeQueue {
         cache: Arc<FileCache>,
     ) -> io::Result<(ConsumeQueue, bool)> {
         let dir = Self::dir_for(root, topic, queue_id);
-        let created = !vfs.exists(&dir);
-        vfs.create_dir_all(&dir)?;
+        // Listed first: a store with a million queues opens a million existing directories,
+        // and only a new queue needs the checks and the `mkdir` of `create_dir_all`.
+        let (names, created) = match vfs.list_dir(&dir) {
+            Ok(names) => (names, false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                vfs.create_dir_all(&dir)?;
+                (Vec::new(), true)
+            }
+            Err(e) => return Err(e),
+        };
         let owner = cache.owner();
         let mut files = BTreeSet::new();
         let mut damaged = false;
         let mut next = 0u64;
-        let names = vfs.list_dir(&dir)?;
         let starts: Vec<u64> = names.iter().filter_map(|n| parse_offset_name(n)).collect();
         for (i, &start) in starts.iter().enumerate() {
-            let f = vfs.open(&join(&dir, &offset_name(start)), false)?;
-            let len = f.len()?;
+            // Sized without opening: the files are opened (through `cache`) when read or
+            // written.
+            let path = join(&dir, &offset_name(start));
+            let len = vfs.file_len(&path)?;
             let whole = len / CQ_ENTRY_SIZE * CQ_ENTRY_SIZE;
             if whole != len {
                 damaged = true;
-                f.set_len(whole)?;
+                vfs.open(&path, false)?.set_len(whole)?;
             }
             let n = whole / CQ_ENTRY_SIZE;
             if i + 1 < starts.len() && n != entries_per_file {
@@ -169,7 +179,6 @@ impl ConsumeQueue {
             }
             next = start + n;
             files.insert(start);
-            cache.insert((owner, start), f);
         }
         let min = starts.first().copied().unwrap_or(0);
         let q = ConsumeQueue {
@@ -471,6 +480,19 @@ impl ConsumeQueue {
     /// whose every entry lies there.
     pub fn advance_min(&self, vfs: &dyn Vfs, clog_min: u64) -> io::Result<u64> {
         let (mut lo, mut hi) = (self.min_offset.load(Ordering::Acquire), self.max_offset());
+        // Nothing lies below a commit log that still starts at 0: no entry to read (the
+        // store runs this for every queue when it opens).
+        if clog_min == 0 {
+            return Ok(lo);
+        }
+        // Usually the first entry is above it already: one read, not a binary search.
+        if lo < hi
+            && self
+                .entry(vfs, lo)?
+                .is_none_or(|e| e.clog_offset >= clog_min)
+        {
+            return Ok(lo);
+        }
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.entry(vfs, mid)? {
@@ -561,6 +583,37 @@ mod tests {
         let (q, damaged) = ConsumeQueue::open(&fs, dir.path(), "t", 1, 8, cache()).expect("reopen");
         assert!(damaged);
         assert_eq!(q.written.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn opening_a_queue_sizes_its_files_without_opening_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = StdFs;
+        let (q, _) = ConsumeQueue::open(&fs, dir.path(), "t", 3, 4, cache()).expect("open");
+        let entries: Vec<_> = (0..10).map(e).collect();
+        q.write(&fs, 0, &entries).expect("write");
+        q.flush_tail(&fs).expect("flush");
+        drop(q);
+        let files = Arc::new(FileCache::new(16));
+        let (q, damaged) =
+            ConsumeQueue::open(&fs, dir.path(), "t", 3, 4, files.clone()).expect("reopen");
+        assert!(!damaged);
+        assert_eq!(q.written.load(Ordering::SeqCst), 10);
+        assert_eq!((files.len(), files.opened()), (0, 0));
+        // Nothing below a commit log that starts at 0: no file is read for it either.
+        assert_eq!(q.advance_min(&fs, 0).expect("advance"), 0);
+        assert_eq!(files.opened(), 0);
+        q.visible.store(10, Ordering::SeqCst);
+        assert_eq!(q.read(&fs, 8, 2).expect("read"), entries[8..].to_vec());
+        assert_eq!(files.opened(), 1);
+    }
+
+    #[test]
+    fn a_directory_where_a_queue_file_belongs_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("t").join("4").join(offset_name(0)))
+            .expect("mkdir");
+        assert!(ConsumeQueue::open(&StdFs, dir.path(), "t", 4, 4, cache()).is_err());
     }
 
     fn file_entries(dir: &Path) -> u64 {

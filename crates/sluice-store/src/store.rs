@@ -121,6 +121,9 @@ pub struct RecoveryReport {
     pub truncated_at: Option<(String, u64, String)>,
     /// Consume queues were damaged or missing entries and were rebuilt from the whole log.
     pub full_rebuild: bool,
+    /// The store had been closed cleanly and its commit log ended where it did then: the
+    /// consume queues were taken as they are, without reading each queue's last entry.
+    pub clean_shutdown: bool,
     pub duration: Duration,
 }
 
@@ -424,7 +427,9 @@ impl Shared {
         Ok(())
     }
 
-    fn checkpoint(&self) -> Result<(), StoreError> {
+    /// Writes a checkpoint. `closing`: the last one, after the store's last write (it is
+    /// marked clean when everything written is durable).
+    fn checkpoint(&self, closing: bool) -> Result<(), StoreError> {
         // Everything below `written` already has consume-queue entries in the files.
         let dispatched = self.written.load(Ordering::Acquire);
         let dirty = std::mem::take(&mut *self.dirty_queues.lock());
@@ -460,6 +465,7 @@ impl Shared {
         let c = Checkpoint {
             clog_durable: durable,
             dispatched: dispatched.min(durable),
+            clean: closing && dispatched == durable,
         };
         c.store(self.vfs.as_ref(), &self.config.data_dir)
             .map_err(|e| StoreError::io("write checkpoint", &self.config.data_dir, e))
@@ -535,8 +541,9 @@ impl Store {
         let fs_sync = vfs
             .open_fs_sync(&cq_root)
             .map_err(|e| StoreError::io("open", &cq_root, e))?;
-        let mut queues: HashMap<String, HashMap<u32, Arc<ConsumeQueue>>> = HashMap::new();
-        let mut damaged = false;
+        // The 8 (or so) queues of a topic share its name: a million queues are not a
+        // million strings more while they open.
+        let mut found: Vec<(Arc<str>, u32)> = Vec::new();
         for topic in vfs
             .list_dir(&cq_root)
             .map_err(|e| StoreError::io("list", &cq_root, e))?
@@ -555,27 +562,44 @@ impl Store {
                 }
                 Err(e) => return Err(StoreError::io("list", &tdir, e)),
             };
+            let topic: Arc<str> = topic.into();
             for qname in qnames {
-                let Ok(qid) = qname.parse::<u32>() else {
-                    continue;
-                };
-                let (q, d) = ConsumeQueue::open(
-                    vfs.as_ref(),
-                    &cq_root,
-                    &topic,
-                    qid,
-                    config.cq_entries_per_file,
-                    cq_files.clone(),
-                )
-                .map_err(|e| StoreError::io("open consume queue", &tdir.join(&qname), e))?;
-                if d {
-                    tracing::warn!(topic = %topic, queue = qid, "consume queue damaged; rebuilding from the commit log");
+                if let Ok(qid) = qname.parse::<u32>() {
+                    found.push((topic.clone(), qid));
                 }
-                damaged |= d;
-                queues
-                    .entry(topic.clone())
-                    .or_default()
-                    .insert(qid, Arc::new(q));
+            }
+        }
+        let opened = on_threads(&found, |(topic, qid)| {
+            ConsumeQueue::open(
+                vfs.as_ref(),
+                &cq_root,
+                topic,
+                *qid,
+                config.cq_entries_per_file,
+                cq_files.clone(),
+            )
+            // Boxed here, and the error is an `io::Error` (one word): the results of a
+            // million queues stay small.
+            .map(|(q, d)| (Arc::new(q), d))
+        });
+        let mut queues: HashMap<String, HashMap<u32, Arc<ConsumeQueue>>> = HashMap::new();
+        let mut damaged = false;
+        for ((topic, qid), r) in found.into_iter().zip(opened) {
+            let (q, d) = r.map_err(|e| {
+                let dir = ConsumeQueue::dir_for(&cq_root, &topic, qid);
+                StoreError::io("open consume queue", &dir, e)
+            })?;
+            if d {
+                tracing::warn!(topic = %topic, queue = qid, "consume queue damaged; rebuilding from the commit log");
+            }
+            damaged |= d;
+            match queues.get_mut(&*topic) {
+                Some(m) => {
+                    m.insert(qid, q);
+                }
+                None => {
+                    queues.insert(topic.to_string(), HashMap::from([(qid, q)]));
+                }
             }
         }
         let (index, idx_from) = Index::open(
@@ -628,11 +652,14 @@ impl Store {
         } else {
             ckpt.map(|c| c.dispatched).unwrap_or(first).min(idx_from)
         };
-        let mut report = Self::recover(&shared, from, durable)?;
+        // A store closed cleanly: its queues point no further than where the commit log
+        // ended then (see the checkpoint module).
+        let clean_end = ckpt.filter(|c| c.clean && !damaged).map(|c| c.clog_durable);
+        let mut report = Self::recover(&shared, from, durable, clean_end)?;
         if report.full_rebuild && from > first {
             // A queue is missing entries from before the checkpoint: rebuild from the start.
             tracing::warn!("consume queue gap found; replaying the whole commit log");
-            report = Self::recover(&shared, first, durable)?;
+            report = Self::recover(&shared, first, durable, None)?;
             report.full_rebuild = true;
         }
         report.full_rebuild |= damaged;
@@ -644,10 +671,12 @@ impl Store {
             .values()
             .flat_map(|m| m.values().cloned())
             .collect();
-        for q in all {
+        on_threads(&all, |q| {
             q.advance_min(shared.vfs.as_ref(), clog_min)
-                .map_err(|e| StoreError::io("trim consume queue", &shared.cq_root, e))?;
-        }
+                .map_err(|e| StoreError::io("trim consume queue", &shared.cq_root, e))
+        })
+        .into_iter()
+        .collect::<Result<Vec<u64>, StoreError>>()?;
         report.duration = started.elapsed();
         if report.dropped_bytes > 0 {
             tracing::warn!(
@@ -746,6 +775,7 @@ impl Store {
         shared: &Arc<Shared>,
         from: u64,
         durable: u64,
+        clean_end: Option<u64>,
     ) -> Result<RecoveryReport, StoreError> {
         let mut pending: HashMap<(String, u32), (u64, Vec<CqEntry>)> = HashMap::new();
         let mut idx_items = Vec::new();
@@ -796,14 +826,50 @@ impl Store {
             }
         }
         let end = outcome.valid_end;
-        // Cut consume-queue entries that point past the valid end (or are holes at the tail).
+        let clean_shutdown = clean_end == Some(end) && outcome.records_scanned == 0;
+        if clean_shutdown {
+            // Closed cleanly, and the commit log ends where it did then: no queue entry
+            // points past it and none was replayed, so no queue needs reading or syncing.
+            tracing::debug!("clean shutdown: consume queues taken as they are");
+        } else {
+            Self::cut_queues(shared, end)?;
+        }
+        shared.index.truncate(end);
+        shared
+            .index
+            .add(&idx_items, end)
+            .map_err(|e| StoreError::io("rebuild index", &shared.config.data_dir, e))?;
+        shared.written.store(end, Ordering::Release);
+        // After a process crash the recovered tail may still sit in the page cache only.
+        shared.sync_clog(durable.min(end), end)?;
+        shared.durable.store(end, Ordering::Release);
+        // Not clean (whatever the last one was): appends follow.
+        shared.checkpoint(false)?;
+        Ok(RecoveryReport {
+            replayed_from: from,
+            records_replayed: outcome.records_scanned,
+            valid_end: end,
+            dropped_bytes: outcome.dropped_bytes,
+            truncated_at: outcome.truncated_at,
+            full_rebuild: gap,
+            clean_shutdown,
+            duration: Duration::ZERO,
+        })
+    }
+
+    /// Recovery: cuts consume-queue entries that point past the valid end of the commit log
+    /// (or are holes at the tail), and marks every queue for the next checkpoint's sync
+    /// (entries written before a crash may sit in the page cache only).
+    fn cut_queues(shared: &Arc<Shared>, end: u64) -> Result<(), StoreError> {
+        let vfs = shared.vfs.clone();
         let all: Vec<Arc<ConsumeQueue>> = shared
             .queues
             .read()
             .values()
             .flat_map(|m| m.values().cloned())
             .collect();
-        for q in &all {
+        // One read per queue, on a few threads when there are many (see `on_threads`).
+        let cut = on_threads(&all, |q| -> Result<(), StoreError> {
             let written = q.written.load(Ordering::Acquire);
             let mut n = written;
             while n > q.min_offset.load(Ordering::Acquire) {
@@ -829,26 +895,10 @@ impl Store {
             if !q.dirty.swap(true, Ordering::AcqRel) {
                 shared.dirty_queues.lock().push(q.clone());
             }
-        }
-        shared.index.truncate(end);
-        shared
-            .index
-            .add(&idx_items, end)
-            .map_err(|e| StoreError::io("rebuild index", &shared.config.data_dir, e))?;
-        shared.written.store(end, Ordering::Release);
-        // After a process crash the recovered tail may still sit in the page cache only.
-        shared.sync_clog(durable.min(end), end)?;
-        shared.durable.store(end, Ordering::Release);
-        shared.checkpoint()?;
-        Ok(RecoveryReport {
-            replayed_from: from,
-            records_replayed: outcome.records_scanned,
-            valid_end: end,
-            dropped_bytes: outcome.dropped_bytes,
-            truncated_at: outcome.truncated_at,
-            full_rebuild: gap,
-            duration: Duration::ZERO,
-        })
+            Ok(())
+        });
+        cut.into_iter().collect::<Result<(), StoreError>>()?;
+        Ok(())
     }
 
     pub fn recovery_report(&self) -> &RecoveryReport {
@@ -1302,6 +1352,33 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Runs `f` on every item, on a few threads when there are many; the results keep the
+/// items' order.
+///
+/// For the per-queue work of opening a store: with a million queues that is a million
+/// directories listed and files sized and read, most of it path lookups in the kernel,
+/// which run in parallel.
+fn on_threads<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if items.len() < 4096 || threads < 2 {
+        return items.iter().map(&f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
 }
 
 fn index_items(
@@ -2054,7 +2131,7 @@ fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Kick>) {
         let fenced = shared.fenced_error();
         if (stop || last_ckpt.elapsed() >= ckpt_every) && fenced.is_none() {
             last_ckpt = Instant::now();
-            if let Err(e) = shared.checkpoint() {
+            if let Err(e) = shared.checkpoint(stop) {
                 shared.fence(e.to_string());
             }
         }

@@ -373,6 +373,9 @@ impl Vfs for FsRef {
     fn exists(&self, p: &std::path::Path) -> bool {
         self.0.exists(p)
     }
+    fn file_len(&self, p: &std::path::Path) -> std::io::Result<u64> {
+        self.0.file_len(p)
+    }
     fn available_space(&self, p: &std::path::Path) -> std::io::Result<u64> {
         self.0.available_space(p)
     }
@@ -601,6 +604,49 @@ fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// A store closed cleanly opens without reading a consume-queue file: its closing
+/// checkpoint says that no queue points past the commit log's end. Without that checkpoint
+/// (a crash: here the checkpoint the store wrote when it opened, put back) every queue is
+/// checked again, and either way the queues read back whole.
+#[test]
+fn a_clean_close_lets_the_next_open_take_the_queues_as_they_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = StoreConfig::small(dir.path());
+    c.checkpoint_interval = Duration::from_secs(3600);
+    let s = Store::open(c.clone()).expect("open");
+    // The checkpoint of a store at work: not clean.
+    let at_work = std::fs::read(dir.path().join("checkpoint")).expect("checkpoint");
+    for q in 0..6u32 {
+        for i in 0..3 {
+            s.append_blocking(vec![msg("c", q, i)]).expect("append");
+        }
+    }
+    drop(s);
+    let s = Store::open(c.clone()).expect("reopen");
+    let r = s.recovery_report().clone();
+    assert!(r.clean_shutdown, "{r:?}");
+    assert_eq!(s.stats().queue_files_opened, 0);
+    for q in 0..6u32 {
+        assert_eq!(read_all(&s, "c", q).len(), 3);
+    }
+    drop(s);
+    // A crash leaves a checkpoint that is not clean: everything is checked (and the records
+    // after it replayed), as before.
+    std::fs::write(dir.path().join("checkpoint"), &at_work).expect("put back");
+    let s = Store::open(c.clone()).expect("reopen after a crash");
+    let r = s.recovery_report().clone();
+    assert!(!r.clean_shutdown && r.records_replayed == 18, "{r:?}");
+    for q in 0..6u32 {
+        let got = read_all(&s, "c", q);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2].msg_id(), Some(format!("id-c-{q}-2").as_str()));
+    }
+    drop(s);
+    // The store that opened after the crash and closed again is clean once more.
+    let s = Store::open(c).expect("reopen");
+    assert!(s.recovery_report().clean_shutdown);
 }
 
 #[test]

@@ -417,7 +417,7 @@ fn sigkill_crash_cycles() {
         println!(
             "cycle {cycle:>2}: killed after {delay:>3} ms, +{new_acks} acks ({} total), {} stored; \
              recovery: dropped_bytes={} valid_end={} replayed_from={} records_replayed={} \
-             full_rebuild={} truncated_at={:?} open={:?}",
+             full_rebuild={} clean_shutdown={} truncated_at={:?} open={:?}",
             acked.len(),
             res.found.len(),
             r.dropped_bytes,
@@ -425,6 +425,7 @@ fn sigkill_crash_cycles() {
             r.replayed_from,
             r.records_replayed,
             r.full_rebuild,
+            r.clean_shutdown,
             r.truncated_at,
             opened_in,
         );

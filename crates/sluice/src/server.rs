@@ -211,6 +211,7 @@ fn log_recovery(r: &RecoveryReport) {
         valid_end = r.valid_end,
         dropped_bytes = r.dropped_bytes,
         full_rebuild = r.full_rebuild,
+        clean_shutdown = r.clean_shutdown,
         took_ms = r.duration.as_millis() as u64,
         "store recovery report"
     );
