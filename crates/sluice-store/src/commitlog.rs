@@ -33,6 +33,15 @@ use crate::StoreError;
 use crate::fs::{VFile, Vfs, join, offset_name, parse_offset_name};
 use crate::record::{self, RecordSummary};
 
+/// Why [`CommitLog::create`] failed.
+#[derive(Debug)]
+pub(crate) enum RollError {
+    /// The file could not be created or opened: nothing changed, a later try may work.
+    Create(io::Error),
+    /// Syncing the directory failed: whether its entries are durable is unknown.
+    SyncDir(io::Error),
+}
+
 pub(crate) struct Segment {
     pub start: u64,
     pub file: Arc<dyn VFile>,
@@ -120,17 +129,32 @@ impl CommitLog {
         segs.get(i).map(|s| s.start)
     }
 
-    /// Creates the segment starting at `start` (writer thread).
+    /// Creates the segment starting at `start` and makes it the last one.
     pub fn roll(&self, start: u64) -> io::Result<Arc<Segment>> {
+        let seg = self.create(start).map_err(|e| match e {
+            RollError::Create(e) | RollError::SyncDir(e) => e,
+        })?;
+        self.install(seg.clone());
+        Ok(seg)
+    }
+
+    /// The file of the segment starting at `start`, created and its directory entry
+    /// durable, but not part of the log yet ([`CommitLog::install`]). The writer creates it
+    /// before it writes anything that needs it: a file that cannot be created (out of
+    /// descriptors or inodes) then fails the appends that need it, and nothing else.
+    pub fn create(&self, start: u64) -> Result<Arc<Segment>, RollError> {
         let path = join(&self.dir, &offset_name(start));
-        let file = self.vfs.open(&path, true)?;
+        let file = self.vfs.open(&path, true).map_err(RollError::Create)?;
         self.reserve(file.as_ref(), &path);
         // The new file's directory entry must be durable before records in it are
         // acknowledged; recovery finds segments by listing the directory.
-        self.vfs.sync_dir(&self.dir)?;
-        let seg = Arc::new(Segment { start, file, path });
-        self.segments.write().push(seg.clone());
-        Ok(seg)
+        self.vfs.sync_dir(&self.dir).map_err(RollError::SyncDir)?;
+        Ok(Arc::new(Segment { start, file, path }))
+    }
+
+    /// Makes a segment from [`CommitLog::create`] the last one (writer thread).
+    pub fn install(&self, seg: Arc<Segment>) {
+        self.segments.write().push(seg);
     }
 
     /// Reserves the full segment size for `file` (see *Preallocation*). Failing to reserve

@@ -43,6 +43,9 @@ pub struct Faults {
     pub sync_delay_ms: AtomicU64,
     /// `available_space` reports this (u64::MAX = ask the real file system).
     pub available_space: AtomicU64,
+    /// Creating a new file in this directory fails with EMFILE while set (opening existing
+    /// files still works).
+    pub fail_create_in: Mutex<Option<PathBuf>>,
     /// Number of `sync_data` calls that succeeded.
     pub syncs: AtomicU64,
     /// Number of `start_write_back` calls (writeback hints).
@@ -287,6 +290,9 @@ impl<F: Vfs + Clone> FsSync for FaultyFsSync<F> {
 impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VFile>> {
         let existed = self.inner.exists(path);
+        if create && !existed && self.faults.fail_create_in.lock().as_deref() == path.parent() {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let inner = self.inner.open(path, create)?;
         let mut synced = self.faults.synced_len.lock();
         // A file that existed before we saw it counts as synced as it is.

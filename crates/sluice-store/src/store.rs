@@ -62,7 +62,7 @@ use sluice_common::{Clock, SystemClock, metrics, validate_resource_name};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::Checkpoint;
-use crate::commitlog::{CommitLog, Segment};
+use crate::commitlog::{CommitLog, RollError, Segment};
 use crate::consume_queue::{ConsumeQueue, CqEntry, tag_hash};
 use crate::file_cache::FileCache;
 use crate::fs::{FsSync, StdFs, Vfs};
@@ -1849,9 +1849,32 @@ impl Writer {
                 continue;
             }
             let mut res = Vec::with_capacity(req.msgs.len());
-            for (m, &qi) in req.msgs.iter().zip(&slots) {
+            // Where the request starts, to undo what of it was encoded if the segment it
+            // needs cannot be created.
+            let mark = (self.buf.len(), self.pos, idx_items.len(), touched.len());
+            let mut rolled = false;
+            let mut refused = None;
+            for (i, (m, &qi)) in req.msgs.iter().zip(&slots).enumerate() {
                 let size = m.encoded_len() as u64;
                 if self.pos - seg.start + size > cfg_seg && self.pos > seg.start {
+                    // The next segment is created before anything is written or cut: out
+                    // of descriptors or inodes, the appends that need it fail and the store
+                    // goes on (it used to fence itself until a restart).
+                    let next = match self.shared.clog.create(self.pos) {
+                        Ok(next) => next,
+                        Err(RollError::Create(e)) if !rolled => {
+                            refused = Some((i, e));
+                            break;
+                        }
+                        // Part of the request is in the segment before: it cannot be taken
+                        // back (only a request larger than a segment gets here).
+                        Err(RollError::Create(e)) => {
+                            return Err(StoreError::io("create segment", &self.shared.clog.dir, e));
+                        }
+                        Err(RollError::SyncDir(e)) => {
+                            return Err(StoreError::io("sync directory", &self.shared.clog.dir, e));
+                        }
+                    };
                     self.write_at(&seg, &self.buf, buf_start)?;
                     self.buf.clear();
                     if let Some(z) = &self.zero {
@@ -1861,14 +1884,13 @@ impl Writer {
                         .clog
                         .seal(&seg, self.pos)
                         .map_err(|e| StoreError::io("cut segment", &seg.path, e))?;
-                    seg =
-                        self.shared.clog.roll(self.pos).map_err(|e| {
-                            StoreError::io("roll segment", &self.shared.clog.dir, e)
-                        })?;
+                    self.shared.clog.install(next.clone());
+                    seg = next;
                     if let Some(z) = &self.zero {
                         z.set_segment(seg.clone(), self.pos);
                     }
                     buf_start = self.pos;
+                    rolled = true;
                 }
                 let wq = &mut self.queues[qi];
                 if wq.pending.is_empty() {
@@ -1900,6 +1922,28 @@ impl Writer {
                     size: size as u32,
                 });
                 self.pos += size;
+            }
+            if let Some((encoded, e)) = refused {
+                // Nothing of the request was written: take back what of it was encoded,
+                // and refuse it and the rest of the batch. The next batch tries again.
+                for &qi in slots[..encoded].iter().rev() {
+                    let wq = &mut self.queues[qi];
+                    wq.next -= 1;
+                    wq.pending.pop();
+                }
+                let (buf_len, pos, idx_len, touched_len) = mark;
+                self.buf.truncate(buf_len);
+                self.pos = pos;
+                idx_items.truncate(idx_len);
+                touched.truncate(touched_len);
+                self.slots = slots;
+                let dir = &self.shared.clog.dir;
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot create the next commit-log segment; appends that need it fail until it can be");
+                while results.len() < batch.len() {
+                    let e = std::io::Error::new(e.kind(), e.to_string());
+                    results.push(Err(StoreError::io("create segment", dir, e)));
+                }
+                break;
             }
             self.slots = slots;
             results.push(Ok(res));

@@ -402,6 +402,98 @@ fn failed_fsync_fences_the_store() {
     assert_eq!(s.queue_offsets("t", 0), (0, 1));
 }
 
+/// Out of descriptors when the commit log has to move to a new segment: the appends that
+/// need it fail with an I/O error, nothing of them is stored (a request of several
+/// messages not in part), the store is not fenced, and once the file can be created the
+/// appends go on with no gap in any queue.
+#[test]
+fn a_segment_that_cannot_be_created_fails_only_the_appends_that_need_it() {
+    for flush in [FlushPolicy::Sync, ASYNC] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Faults::new();
+        let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+        let mut c = StoreConfig::small(dir.path());
+        c.flush = flush;
+        c.segment_size = 16 << 10;
+        c.max_record_size = 4 << 10;
+        let s = Store::open_with(c.clone(), fs.clone(), Arc::new(SystemClock)).expect("open");
+        let big = |q: u32, i: u64| AppendMessage {
+            body: Bytes::from(vec![b'r'; 600]),
+            ..msg("roll", q, i)
+        };
+        *faults.fail_create_in.lock() = Some(dir.path().join("commitlog"));
+        let mut stored = 0;
+        let refused = loop {
+            // Two messages to queue 0 and one to queue 1 per request.
+            let req = vec![big(0, 2 * stored), big(1, stored), big(0, 2 * stored + 1)];
+            match s.append_blocking(req) {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 100, "{flush:?}: the segment never filled");
+        };
+        assert!(
+            matches!(
+                &refused,
+                StoreError::Io {
+                    op: "create segment",
+                    ..
+                }
+            ),
+            "{flush:?}: {refused}"
+        );
+        assert!(s.fenced().is_none(), "{flush:?}");
+        assert_eq!(segments(dir.path()).len(), 1, "{flush:?}");
+        // Refused as often as it is tried, and nothing of it counts.
+        let again = vec![big(0, 2 * stored), big(1, stored), big(0, 2 * stored + 1)];
+        assert!(s.append_blocking(again).is_err(), "{flush:?}");
+        assert_eq!(s.queue_offsets("roll", 0), (0, 2 * stored), "{flush:?}");
+        assert_eq!(s.queue_offsets("roll", 1), (0, stored), "{flush:?}");
+        // A message that still fits in the segment is stored meanwhile.
+        s.append_blocking(vec![AppendMessage {
+            body: Bytes::new(),
+            ..msg("small", 0, 0)
+        }])
+        .expect("a small append fits");
+        *faults.fail_create_in.lock() = None;
+        for i in 0..10 {
+            s.append_blocking(vec![
+                big(0, 2 * stored),
+                big(1, stored),
+                big(0, 2 * stored + 1),
+            ])
+            .expect("append once the segment can be created");
+            stored += 1;
+            assert!(i < 9 || segments(dir.path()).len() > 1);
+        }
+        drop(s);
+        let s = Store::open_with(c, fs, Arc::new(SystemClock)).expect("reopen");
+        let q0 = read_all(&s, "roll", 0);
+        let q1 = read_all(&s, "roll", 1);
+        assert_eq!(
+            (q0.len() as u64, q1.len() as u64),
+            (2 * stored, stored),
+            "{flush:?}"
+        );
+        for (i, m) in q0.iter().enumerate() {
+            assert_eq!(m.queue_offset, i as u64);
+            assert_eq!(
+                m.msg_id(),
+                Some(format!("id-roll-0-{i}").as_str()),
+                "{flush:?}"
+            );
+        }
+        for (i, m) in q1.iter().enumerate() {
+            assert_eq!(
+                m.msg_id(),
+                Some(format!("id-roll-1-{i}").as_str()),
+                "{flush:?}"
+            );
+        }
+        assert_eq!(read_all(&s, "small", 0).len(), 1);
+    }
+}
+
 #[test]
 fn low_disk_space_refuses_writes_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
