@@ -1382,3 +1382,86 @@ fn the_syncer_runs_at_the_configured_priority_where_allowed() -> anyhow::Result<
     anyhow::ensure!(s.queue_offsets("t", 0) == (0, 2));
     Ok(())
 }
+
+mod refused_segments {
+    //! Against a model (per queue, the acknowledged messages in order): random appends of
+    //! one to three messages of random sizes to random queues, while creating segment files
+    //! is switched on and off at random. A refused append leaves no trace, an accepted one
+    //! reads back in place, before and after a reopen, and the store is never fenced.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn refused_rolls_leave_no_trace(
+            ops in prop::collection::vec(
+                (any::<bool>(), prop::collection::vec((0u32..3, 0usize..1500), 1..4)),
+                1..60,
+            )
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let faults = Faults::new();
+            let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+            let mut c = StoreConfig::small(dir.path());
+            c.segment_size = 8 << 10;
+            c.max_record_size = 4 << 10;
+            let s = Store::open_with(c.clone(), fs.clone(), Arc::new(SystemClock)).expect("open");
+            let mut model: Vec<Vec<(String, usize)>> = vec![Vec::new(); 3];
+            let mut refused: Vec<String> = Vec::new();
+            let mut n = 0u64;
+            for (refuse, msgs) in ops {
+                *faults.fail_create_in.lock() = refuse.then(|| dir.path().join("commitlog"));
+                let req: Vec<AppendMessage> = msgs
+                    .iter()
+                    .map(|&(q, len)| {
+                        n += 1;
+                        AppendMessage {
+                            body: Bytes::from(vec![b'm'; len]),
+                            ..msg("m", q, n)
+                        }
+                    })
+                    .collect();
+                let ids: Vec<String> = req.iter().map(|m| m.property(PROP_MSG_ID).unwrap_or("").to_owned()).collect();
+                match s.append_blocking(req) {
+                    Ok(res) => {
+                        prop_assert_eq!(res.len(), msgs.len());
+                        for ((&(q, len), id), r) in msgs.iter().zip(ids).zip(res) {
+                            prop_assert_eq!(r.queue_offset, model[q as usize].len() as u64);
+                            model[q as usize].push((id, len));
+                        }
+                    }
+                    Err(e) => {
+                        refused.extend(ids);
+                        prop_assert!(refuse, "refused while segments could be created: {}", e);
+                        prop_assert!(matches!(e, StoreError::Io { op: "create segment", .. }), "{}", e);
+                    }
+                }
+                prop_assert!(s.fenced().is_none());
+            }
+            *faults.fail_create_in.lock() = None;
+            let check = |s: &Store| -> Result<(), TestCaseError> {
+                for (q, want) in model.iter().enumerate() {
+                    let got = read_all(s, "m", q as u32);
+                    prop_assert_eq!(got.len(), want.len());
+                    for (i, (m, (id, len))) in got.iter().zip(want).enumerate() {
+                        prop_assert_eq!(m.queue_offset, i as u64);
+                        prop_assert_eq!(m.msg_id(), Some(id.as_str()));
+                        prop_assert_eq!(m.body.len(), *len);
+                        let found = s.lookup_message_id(id).expect("lookup");
+                        prop_assert_eq!(found.map(|f| (f.queue_id, f.queue_offset)), Some((q as u32, i as u64)));
+                    }
+                }
+                for id in &refused {
+                    prop_assert!(s.lookup_message_id(id).expect("lookup").is_none());
+                }
+                Ok(())
+            };
+            check(&s)?;
+            drop(s);
+            let s = Store::open_with(c, fs, Arc::new(SystemClock)).expect("reopen");
+            check(&s)?;
+        }
+    }
+}
