@@ -87,6 +87,13 @@ impl Faults {
         let mut fs = self.fs_wb_errors.lock();
         *fs = (fs.0 + 1, false);
     }
+
+    /// The kernel dropped the in-memory inode of `path`, which no descriptor held: the
+    /// file's writeback errors go with it (a descriptor opened later reports none), while
+    /// the file system's record of them, which `syncfs` reports, stays.
+    pub fn evict_inode(&self, path: &Path) {
+        self.wb_errors.lock().remove(path);
+    }
 }
 
 /// A [`Vfs`] that injects the faults switched on in its [`Faults`].

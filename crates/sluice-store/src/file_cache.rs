@@ -6,10 +6,14 @@
 //! So consume-queue files are opened on demand and the least recently used handle is
 //! closed once `capacity` are open (`[store] open_queue_files`).
 //!
-//! Closing a handle loses nothing: written bytes are in the page cache of the file, and
+//! Closing a handle loses no data: written bytes are in the page cache of the file, and
 //! an `fdatasync` through a handle opened later writes back every dirty page of the file,
-//! whichever handle wrote it (Linux tracks dirty pages and writeback errors per file, not
-//! per descriptor). A handle taken out of the cache stays usable after its eviction; its
+//! whichever handle wrote it (Linux tracks dirty pages per file, not per descriptor). It
+//! can lose a writeback error: the error is kept with the file's in-memory inode, and once
+//! no descriptor holds the file the kernel may drop that inode, error and all, so an
+//! `fdatasync` through a new descriptor succeeds. The file system keeps its own record of
+//! the error, which `syncfs` reports, so a checkpoint after any eviction syncs the file
+//! system rather than single files ([`FileCache::evicted`]). A handle taken out of the cache stays usable after its eviction; its
 //! descriptor closes when the last clone is dropped, so the open count can exceed
 //! `capacity` by the operations in flight.
 
@@ -31,6 +35,7 @@ pub(crate) struct FileCache {
     owners: AtomicU64,
     inner: Mutex<Inner>,
     opened: AtomicU64,
+    evicted: AtomicU64,
 }
 
 #[derive(Default)]
@@ -50,6 +55,7 @@ impl FileCache {
             owners: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
             opened: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +113,7 @@ impl FileCache {
                 };
                 if let Some((f, _)) = inner.open.remove(&oldest) {
                     closed.push(f);
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -136,6 +143,12 @@ impl FileCache {
     /// Files opened since the cache was made (cache misses).
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Handles closed to make room since the cache was made (see the module docs for why a
+    /// checkpoint asks).
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 }
 

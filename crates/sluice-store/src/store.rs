@@ -236,6 +236,9 @@ struct Shared {
     /// commit (the ones just answered plus the ones that arrived meanwhile); see *Cohorts*.
     cohort: AtomicU64,
     writer_group_commits: AtomicU64,
+    /// Queue-file handles the cache had closed when a checkpoint last synced the file
+    /// system (`checkpoint`).
+    synced_evictions: AtomicU64,
     metrics: StoreMetrics,
 }
 
@@ -437,7 +440,13 @@ impl Shared {
         // (each its own journal commit): a checkpoint after writes to 20,000 queues took
         // seconds that way, and a million queues would have kept it from ever finishing
         // within its interval.
-        let one_sync = dirty.len() > SYNCFS_QUEUES;
+        //
+        // Also after the cache closed a queue file's handle: the kernel may have dropped the
+        // file's inode since, and with it a writeback error that only `syncfs` still
+        // reports (see `file_cache`).
+        let evicted = self.cq_files.evicted();
+        let one_sync =
+            dirty.len() > SYNCFS_QUEUES || evicted != self.synced_evictions.load(Ordering::Acquire);
         let mut dirs = std::collections::BTreeSet::new();
         for q in dirty {
             q.sync(self.vfs.as_ref(), &self.cq_root, &mut dirs, !one_sync)
@@ -449,6 +458,7 @@ impl Shared {
             self.fs_sync
                 .sync()
                 .map_err(|e| StoreError::io("sync file system", &self.cq_root, e))?;
+            self.synced_evictions.store(evicted, Ordering::Release);
         } else {
             // Each directory with new queue files or directories once (the 8 queues of a
             // new topic share their topic directory, and every new queue the root).
@@ -642,6 +652,7 @@ impl Store {
             syncer_busy: AtomicBool::new(false),
             cohort: AtomicU64::new(0),
             writer_group_commits: AtomicU64::new(0),
+            synced_evictions: AtomicU64::new(0),
             metrics: StoreMetrics::new(),
             config,
         });

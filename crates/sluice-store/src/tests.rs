@@ -1328,6 +1328,39 @@ fn a_writeback_error_before_a_checkpoint_fences_the_store() -> anyhow::Result<()
     Ok(())
 }
 
+/// A queue file whose handle the cache closed, and whose inode the kernel then dropped,
+/// takes a writeback error with it: an fdatasync through a new handle succeeds. The
+/// checkpoint after an eviction therefore syncs the file system (`syncfs`), which still
+/// reports the error, even with only two dirty queues.
+#[test]
+fn a_writeback_error_of_an_evicted_queue_file_still_fences_the_store() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let faults = Faults::new();
+    let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+    let mut c = StoreConfig::small(dir.path());
+    c.flush = FlushPolicy::Sync;
+    c.checkpoint_interval = Duration::from_secs(3600);
+    c.open_queue_files = 1;
+    let s = Store::open_with(c, fs, Arc::new(SystemClock))?;
+    // A full tail of queue 0 goes to its file; then queue 1's file takes the one handle.
+    for i in 0..200 {
+        s.append_blocking(vec![msg("ev", 0, i)])?;
+    }
+    for i in 0..200 {
+        s.append_blocking(vec![msg("ev", 1, i)])?;
+    }
+    anyhow::ensure!(s.stats().open_queue_files <= 1);
+    let q0 = dir.path().join("consumequeue/ev/0/00000000000000000000");
+    faults.inject_writeback_error(&q0);
+    faults.evict_inode(&q0);
+    s.close();
+    let why = s
+        .fenced()
+        .ok_or_else(|| anyhow::anyhow!("the checkpoint missed the error"))?;
+    anyhow::ensure!(why.contains("sync file system"), "{why}");
+    Ok(())
+}
+
 /// Nice values of this process's threads named `name`.
 fn thread_nices(name: &str) -> anyhow::Result<Vec<i64>> {
     let mut out = Vec::new();
