@@ -46,6 +46,9 @@ pub struct Faults {
     /// Creating a new file in this directory fails with EMFILE while set (opening existing
     /// files still works).
     pub fail_create_in: Mutex<Option<PathBuf>>,
+    /// Each file-system sync (`syncfs`) sleeps this many milliseconds first (on top of
+    /// `sync_delay_ms`).
+    pub fs_sync_delay_ms: AtomicU64,
     /// Number of `sync_data` calls that succeeded.
     pub syncs: AtomicU64,
     /// Number of `start_write_back` calls (writeback hints).
@@ -277,6 +280,10 @@ struct FaultyFsSync<F: Vfs> {
 
 impl<F: Vfs + Clone> FsSync for FaultyFsSync<F> {
     fn sync(&self) -> io::Result<()> {
+        let delay = self.faults.fs_sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         self.faults.before_sync()?;
         report_once(&mut self.faults.fs_wb_errors.lock(), &self.wb_seen)?;
         self.inner.sync()?;

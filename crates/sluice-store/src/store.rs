@@ -2162,6 +2162,22 @@ fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Kick>) {
         FlushPolicy::Sync => ckpt_every,
         FlushPolicy::Async { interval, .. } => interval.min(ckpt_every),
     };
+    // Checkpoints run on a thread of their own: one over many dirty queues can take seconds
+    // (a file write per queue tail, then `syncfs`), and the Async commit log must still be
+    // synced every `interval` meanwhile, or the window an Async power loss can take grows
+    // with the number of queues. At most one checkpoint waits behind the running one.
+    let (ckpt_tx, ckpt_rx) = mpsc::sync_channel::<bool>(1);
+    let s = shared.clone();
+    let checkpointer = std::thread::Builder::new()
+        .name("sluice-store-ckpt".into())
+        .spawn(move || checkpointer(s, ckpt_rx));
+    let checkpointer = match checkpointer {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "no checkpoint thread; checkpoints run on the flusher");
+            None
+        }
+    };
     let mut last_ckpt = Instant::now();
     let mut stop = false;
     loop {
@@ -2186,12 +2202,41 @@ fn flusher(shared: Arc<Shared>, rx: mpsc::Receiver<Kick>) {
         let fenced = shared.fenced_error();
         if (stop || last_ckpt.elapsed() >= ckpt_every) && fenced.is_none() {
             last_ckpt = Instant::now();
-            if let Err(e) = shared.checkpoint(stop) {
-                shared.fence(e.to_string());
+            match &checkpointer {
+                // The closing one waits for a place: it comes after the final sync above.
+                Some(_) if stop => {
+                    let _ = ckpt_tx.send(true);
+                }
+                // Skipped while one is already waiting: that one covers this interval.
+                Some(_) => {
+                    let _ = ckpt_tx.try_send(false);
+                }
+                None => {
+                    if let Err(e) = shared.checkpoint(stop) {
+                        shared.fence(e.to_string());
+                    }
+                }
             }
         }
         if stop {
             break;
+        }
+    }
+    drop(ckpt_tx);
+    if let Some(h) = checkpointer {
+        // The store's close waits for this thread, so for the closing checkpoint too.
+        let _ = h.join();
+    }
+}
+
+/// Writes the checkpoints the flusher asks for (`true`: the closing one).
+fn checkpointer(shared: Arc<Shared>, rx: mpsc::Receiver<bool>) {
+    while let Ok(closing) = rx.recv() {
+        if shared.fenced_error().is_some() {
+            continue;
+        }
+        if let Err(e) = shared.checkpoint(closing) {
+            shared.fence(e.to_string());
         }
     }
 }

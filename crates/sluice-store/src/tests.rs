@@ -1361,6 +1361,42 @@ fn a_writeback_error_of_an_evicted_queue_file_still_fences_the_store() -> anyhow
     Ok(())
 }
 
+/// A checkpoint that takes long (here a `syncfs` held up for seconds, as writing out the
+/// tails of many thousands of queues does) does not hold up the Async commit-log sync: it
+/// runs on a thread of its own, and the commit log is still synced every interval.
+#[test]
+fn a_slow_checkpoint_does_not_hold_up_the_async_flush() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let faults = Faults::new();
+    let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
+    let mut c = StoreConfig::small(dir.path());
+    c.flush = FlushPolicy::Async {
+        interval: Duration::from_millis(10),
+        bytes: 1 << 30,
+    };
+    c.checkpoint_interval = Duration::from_millis(20);
+    let s = Store::open_with(c, fs, Arc::new(SystemClock))?;
+    faults.fs_sync_delay_ms.store(3000, Ordering::SeqCst);
+    // More than 64 dirty queues: the next checkpoint syncs the file system, and waits.
+    for q in 0..100u32 {
+        s.append_blocking(vec![msg(&format!("slow{}", q / 8), q % 8, 0)])?;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    s.append_blocking(vec![msg("slow0", 0, 1)])?;
+    let written = s.stats().written_offset;
+    let t = std::time::Instant::now();
+    while s.stats().durable_offset < written {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_millis(1500),
+            "the commit log was not synced while a checkpoint was running"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    faults.fs_sync_delay_ms.store(0, Ordering::SeqCst);
+    drop(s);
+    Ok(())
+}
+
 /// Nice values of this process's threads named `name`.
 fn thread_nices(name: &str) -> anyhow::Result<Vec<i64>> {
     let mut out = Vec::new();
