@@ -140,6 +140,8 @@ async fn metrics_are_exposed_in_prometheus_text() {
     for name in [
         "# TYPE sluice_store_append_seconds histogram",
         "# TYPE sluice_store_fsync_seconds histogram",
+        "# TYPE sluice_store_checkpoint_seconds histogram",
+        "sluice_store_queue_files_evicted_total",
         "sluice_store_disk_bytes",
         "sluice_store_disk_free_bytes",
         "sluice_broker_pending_transactions 0",

@@ -245,6 +245,7 @@ struct Shared {
 struct StoreMetrics {
     append: metrics::Histogram,
     fsync: metrics::Histogram,
+    checkpoint: metrics::Histogram,
 }
 
 impl StoreMetrics {
@@ -260,6 +261,12 @@ impl StoreMetrics {
             fsync: r.histogram(
                 "sluice_store_fsync_seconds",
                 "Duration of commit-log fdatasync calls.",
+                &[],
+                metrics::LATENCY_BUCKETS,
+            ),
+            checkpoint: r.histogram(
+                "sluice_store_checkpoint_seconds",
+                "Duration of checkpoints (queue tails written and synced, checkpoint file).",
                 &[],
                 metrics::LATENCY_BUCKETS,
             ),
@@ -323,6 +330,13 @@ fn register_collector(shared: &Arc<Shared>) {
                 "counter",
                 vec![],
                 s.cq_files.opened() as f64,
+            ),
+            (
+                "sluice_store_queue_files_evicted_total".into(),
+                "Consume-queue file handles closed to make room for others.".into(),
+                "counter",
+                vec![],
+                s.cq_files.evicted() as f64,
             ),
             (
                 "sluice_store_fenced".into(),
@@ -433,6 +447,15 @@ impl Shared {
     /// Writes a checkpoint. `closing`: the last one, after the store's last write (it is
     /// marked clean when everything written is durable).
     fn checkpoint(&self, closing: bool) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let r = self.write_checkpoint(closing);
+        if r.is_ok() {
+            self.metrics.checkpoint.observe_duration(started.elapsed());
+        }
+        r
+    }
+
+    fn write_checkpoint(&self, closing: bool) -> Result<(), StoreError> {
         // Everything below `written` already has consume-queue entries in the files.
         let dispatched = self.written.load(Ordering::Acquire);
         let dirty = std::mem::take(&mut *self.dirty_queues.lock());
