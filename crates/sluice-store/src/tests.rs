@@ -326,13 +326,35 @@ fn retention_by_budget_and_age_moves_min_offsets() {
 }
 
 fn faulty(dir: &std::path::Path, flush: FlushPolicy) -> (Store, Arc<Faults>, Arc<FaultyFs<StdFs>>) {
+    let (s, faults, fs, _) = faulty_with(dir, |c| {
+        c.flush = flush;
+        c.checkpoint_interval = Duration::from_secs(3600);
+    });
+    (s, faults, fs)
+}
+
+/// A store on the failure-injecting file system with the small test configuration as
+/// `tweak` leaves it; the configuration comes back too, to reopen with.
+fn faulty_with(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut StoreConfig),
+) -> (Store, Arc<Faults>, Arc<FaultyFs<StdFs>>, StoreConfig) {
     let faults = Faults::new();
     let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
     let mut c = StoreConfig::small(dir);
-    c.flush = flush;
-    c.checkpoint_interval = Duration::from_secs(3600);
-    let s = Store::open_with(c, fs.clone(), Arc::new(SystemClock)).expect("open");
-    (s, faults, fs)
+    tweak(&mut c);
+    let s = Store::open_with(c.clone(), fs.clone(), Arc::new(SystemClock)).expect("open");
+    (s, faults, fs, c)
+}
+
+/// Closes `s`, whose closing checkpoint must have fenced it at its `syncfs`.
+fn expect_fenced_at_closing_syncfs(s: &Store) -> anyhow::Result<()> {
+    s.close();
+    let why = s
+        .fenced()
+        .ok_or_else(|| anyhow::anyhow!("the checkpoint missed the error"))?;
+    anyhow::ensure!(why.contains("sync file system"), "{why}");
+    Ok(())
 }
 
 /// Simulates a power loss (un-synced bytes vanish) on a store already dropped, and opens it
@@ -410,13 +432,11 @@ fn failed_fsync_fences_the_store() {
 fn a_segment_that_cannot_be_created_fails_only_the_appends_that_need_it() {
     for flush in [FlushPolicy::Sync, ASYNC] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let faults = Faults::new();
-        let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
-        let mut c = StoreConfig::small(dir.path());
-        c.flush = flush;
-        c.segment_size = 16 << 10;
-        c.max_record_size = 4 << 10;
-        let s = Store::open_with(c.clone(), fs.clone(), Arc::new(SystemClock)).expect("open");
+        let (s, faults, fs, c) = faulty_with(dir.path(), |c| {
+            c.flush = flush;
+            c.segment_size = 16 << 10;
+            c.max_record_size = 4 << 10;
+        });
         let big = |q: u32, i: u64| AppendMessage {
             body: Bytes::from(vec![b'r'; 600]),
             ..msg("roll", q, i)
@@ -1320,12 +1340,7 @@ fn a_writeback_error_before_a_checkpoint_fences_the_store() -> anyhow::Result<()
     anyhow::ensure!(fs.open_fs_sync(&cq_root)?.sync().is_err());
     round(1)?;
     // Closing writes every tail out and checkpoints.
-    s.close();
-    let why = s
-        .fenced()
-        .ok_or_else(|| anyhow::anyhow!("the checkpoint missed the error"))?;
-    anyhow::ensure!(why.contains("sync file system"), "{why}");
-    Ok(())
+    expect_fenced_at_closing_syncfs(&s)
 }
 
 /// A queue file whose handle the cache closed, and whose inode the kernel then dropped,
@@ -1335,13 +1350,11 @@ fn a_writeback_error_before_a_checkpoint_fences_the_store() -> anyhow::Result<()
 #[test]
 fn a_writeback_error_of_an_evicted_queue_file_still_fences_the_store() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let faults = Faults::new();
-    let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
-    let mut c = StoreConfig::small(dir.path());
-    c.flush = FlushPolicy::Sync;
-    c.checkpoint_interval = Duration::from_secs(3600);
-    c.open_queue_files = 1;
-    let s = Store::open_with(c, fs, Arc::new(SystemClock))?;
+    let (s, faults, _fs, _) = faulty_with(dir.path(), |c| {
+        c.flush = FlushPolicy::Sync;
+        c.checkpoint_interval = Duration::from_secs(3600);
+        c.open_queue_files = 1;
+    });
     // A full tail of queue 0 goes to its file; then queue 1's file takes the one handle.
     for i in 0..200 {
         s.append_blocking(vec![msg("ev", 0, i)])?;
@@ -1353,12 +1366,7 @@ fn a_writeback_error_of_an_evicted_queue_file_still_fences_the_store() -> anyhow
     let q0 = dir.path().join("consumequeue/ev/0/00000000000000000000");
     faults.inject_writeback_error(&q0);
     faults.evict_inode(&q0);
-    s.close();
-    let why = s
-        .fenced()
-        .ok_or_else(|| anyhow::anyhow!("the checkpoint missed the error"))?;
-    anyhow::ensure!(why.contains("sync file system"), "{why}");
-    Ok(())
+    expect_fenced_at_closing_syncfs(&s)
 }
 
 /// A checkpoint that takes long (here a `syncfs` held up for seconds, as writing out the
@@ -1367,15 +1375,13 @@ fn a_writeback_error_of_an_evicted_queue_file_still_fences_the_store() -> anyhow
 #[test]
 fn a_slow_checkpoint_does_not_hold_up_the_async_flush() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let faults = Faults::new();
-    let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
-    let mut c = StoreConfig::small(dir.path());
-    c.flush = FlushPolicy::Async {
-        interval: Duration::from_millis(10),
-        bytes: 1 << 30,
-    };
-    c.checkpoint_interval = Duration::from_millis(20);
-    let s = Store::open_with(c, fs, Arc::new(SystemClock))?;
+    let (s, faults, _fs, _) = faulty_with(dir.path(), |c| {
+        c.flush = FlushPolicy::Async {
+            interval: Duration::from_millis(10),
+            bytes: 1 << 30,
+        };
+        c.checkpoint_interval = Duration::from_millis(20);
+    });
     faults.fs_sync_delay_ms.store(3000, Ordering::SeqCst);
     // More than 64 dirty queues: the next checkpoint syncs the file system, and waits.
     for q in 0..100u32 {
@@ -1471,12 +1477,10 @@ mod refused_segments {
             )
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
-            let faults = Faults::new();
-            let fs = Arc::new(FaultyFs::new(StdFs, faults.clone()));
-            let mut c = StoreConfig::small(dir.path());
-            c.segment_size = 8 << 10;
-            c.max_record_size = 4 << 10;
-            let s = Store::open_with(c.clone(), fs.clone(), Arc::new(SystemClock)).expect("open");
+            let (s, faults, fs, c) = faulty_with(dir.path(), |c| {
+                c.segment_size = 8 << 10;
+                c.max_record_size = 4 << 10;
+            });
             let mut model: Vec<Vec<(String, usize)>> = vec![Vec::new(); 3];
             let mut refused: Vec<String> = Vec::new();
             let mut n = 0u64;
