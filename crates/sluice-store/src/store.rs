@@ -372,6 +372,15 @@ impl Shared {
         ))
     }
 
+    /// Every queue of the store (a snapshot).
+    fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        self.queues
+            .read()
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect()
+    }
+
     fn queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
         self.queues
             .read()
@@ -699,12 +708,7 @@ impl Store {
         report.full_rebuild |= damaged;
         // Retention may have deleted segments that queue files still point into.
         let clog_min = shared.clog.min_offset.load(Ordering::Acquire);
-        let all: Vec<Arc<ConsumeQueue>> = shared
-            .queues
-            .read()
-            .values()
-            .flat_map(|m| m.values().cloned())
-            .collect();
+        let all = shared.all_queues();
         on_threads(&all, |q| {
             q.advance_min(shared.vfs.as_ref(), clog_min)
                 .map_err(|e| StoreError::io("trim consume queue", &shared.cq_root, e))
@@ -896,12 +900,7 @@ impl Store {
     /// (entries written before a crash may sit in the page cache only).
     fn cut_queues(shared: &Arc<Shared>, end: u64) -> Result<(), StoreError> {
         let vfs = shared.vfs.clone();
-        let all: Vec<Arc<ConsumeQueue>> = shared
-            .queues
-            .read()
-            .values()
-            .flat_map(|m| m.values().cloned())
-            .collect();
+        let all = shared.all_queues();
         // One read per queue, on a few threads when there are many (see `on_threads`).
         let cut = on_threads(&all, |q| -> Result<(), StoreError> {
             let written = q.written.load(Ordering::Acquire);
@@ -1316,12 +1315,7 @@ impl Store {
         let min = s.clog.min_offset.load(Ordering::Acquire);
         report.min_offset = min;
         if report.segments_deleted > 0 {
-            let all: Vec<Arc<ConsumeQueue>> = s
-                .queues
-                .read()
-                .values()
-                .flat_map(|m| m.values().cloned())
-                .collect();
+            let all = s.all_queues();
             for q in all {
                 q.advance_min(s.vfs.as_ref(), min)
                     .map_err(|e| StoreError::io("trim consume queue", &s.cq_root, e))?;
