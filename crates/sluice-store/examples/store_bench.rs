@@ -13,6 +13,8 @@
 //!     [--segment-mib N]      (the store's `segment_size`; default its own, 1 GiB)
 //!     [--syncer-nice N]      (the store's `syncer_nice`; default its own, 0 leaves it)
 //!     [--queues N]           (only the many-queues run, below)
+//!     [--batch K]            (each appender sends K messages per append, so N in flight
+//!                             are N / K appenders; default 1)
 //! ```
 //!
 //! Many queues (`--queues N`): one 128 B message to each of N queues (8 per topic), then 1
@@ -26,6 +28,9 @@
 //! the same size with one fdatasync at the end; the latency of a 4 KiB append + fdatasync.
 //! Async figures are given as a fraction of the bandwidth; Sync figures as a fraction of the
 //! group-commit bound `min(bandwidth, in_flight × record size ÷ fdatasync latency)`.
+//! Before Sync runs, the disk alone doing a group commit's I/O with no CPU work around it
+//! (`pwrite` + fdatasync of one group of 1 KiB records in a loop, at 16 to 4,096 records
+//! per group): what one fdatasync in flight can make durable per second at each size.
 //! A third baseline is the load generator's own ceiling: the same appender tasks, messages
 //! and latency records with no store behind them, which every figure shares the 2 cores with.
 
@@ -58,6 +63,8 @@ struct Args {
     only_inflight: Option<usize>,
     /// Only this message size.
     only_size: Option<usize>,
+    /// Messages per append (`--batch`); in flight counts messages.
+    batch: usize,
     /// The many-queues run instead: this many queues.
     queues: Option<u32>,
 }
@@ -113,6 +120,7 @@ fn parse_args() -> anyhow::Result<Args> {
         setup: Setup::default(),
         only_flush: None,
         only_inflight: None,
+        batch: 1,
         only_size: None,
         queues: None,
     };
@@ -133,6 +141,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--inflight" => a.only_inflight = Some(v()?.parse()?),
             "--size" => a.only_size = Some(v()?.parse()?),
             "--queues" => a.queues = Some(v()?.parse()?),
+            "--batch" => a.batch = v()?.parse::<usize>()?.max(1),
             "--zero-ahead" => a.setup.zero_ahead = Some(v()?.parse()?),
             "--inline-sync" => a.setup.inline_sync_max = Some(v()?.parse()?),
             "--group-commit-wait-us" => {
@@ -148,7 +157,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     "store_bench [--dir PATH] [--seconds N] [--repeats N] [--recovery-mib N] [--quick]\n    \
                      [--fsync-delay-ms N] [--flush sync|async] [--inflight N] [--size BYTES]\n    \
                      [--zero-ahead BYTES] [--inline-sync N] [--group-commit-wait-us N]\n    \
-                     [--inline-sync-spin-us N] [--segment-mib N] [--syncer-nice N] [--queues N]\n\
+                     [--inline-sync-spin-us N] [--segment-mib N] [--syncer-nice N] [--queues N] [--batch K]\n\
                      (see the header of crates/sluice-store/examples/store_bench.rs and docs/benchmarks.md)"
                 );
                 std::process::exit(0);
@@ -187,6 +196,41 @@ fn disk_bandwidth(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(bytes as f64 / secs)
+}
+
+/// The disk alone doing what a Sync group commit of `group` bytes does, with no CPU work
+/// around it: a `pwrite` of `group` bytes and an fdatasync, one after another for
+/// `seconds`, into a file zero-filled beforehand (as the store's segments are; the writes
+/// wrap around inside it). Returns (durable bytes per second, seconds per write +
+/// fdatasync): with one fdatasync in flight, the most a group commit carrying `group`
+/// bytes can make durable per second on this disk.
+fn group_commit_probe(dir: &Path, group: usize, seconds: f64) -> anyhow::Result<(f64, f64)> {
+    const FILE: u64 = 256 << 20;
+    let path = dir.join("group.dat");
+    let f = std::fs::File::create(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < FILE {
+        f.write_all_at(&zeros, off)?;
+        off += zeros.len() as u64;
+    }
+    f.sync_data()?;
+    let buf = vec![0x5Au8; group];
+    let (mut off, mut ops) = (0u64, 0u64);
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < seconds {
+        if off + group as u64 > FILE {
+            off = 0;
+        }
+        f.write_all_at(&buf, off)?;
+        f.sync_data()?;
+        off += group as u64;
+        ops += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((ops as f64 * group as f64 / secs, secs / ops as f64))
 }
 
 /// Median time of an fdatasync after a 4 KiB append. With `delay` (the emulated slower
@@ -330,18 +374,20 @@ struct Run {
     per_fsync: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn append_run(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
     flush: FlushPolicy,
     size: usize,
-    appenders: usize,
+    in_flight: usize,
+    batch: usize,
     seconds: f64,
     setup: &Setup,
 ) -> anyhow::Result<Run> {
     let store = Arc::new(setup.open(dir, flush)?);
     let t0 = Instant::now();
-    let (hists, _) = drive(rt, size, appenders, seconds, Some(store.clone()));
+    let (hists, _) = drive(rt, size, in_flight, batch, seconds, Some(store.clone()));
     let secs = t0.elapsed().as_secs_f64();
     let st = store.stats();
     drop(store);
@@ -357,17 +403,20 @@ fn append_run(
     })
 }
 
-/// Runs `appenders` tasks on `rt` for `seconds`, each appending one message at a time and
-/// waiting for its answer. Without a store each "append" drops the message and yields to
-/// the runtime once: the generator's own cost, measured as a ceiling. Returns the latency
-/// histogram and the number of appends made.
+/// Runs `in_flight / batch` appender tasks on `rt` for `seconds`, each appending `batch`
+/// messages at a time and waiting for the answer, so `in_flight` messages are in flight.
+/// Without a store each "append" drops the messages and yields to the runtime once: the
+/// generator's own cost, measured as a ceiling. Returns the latency histogram (one value
+/// per append) and the number of appends made.
 fn drive(
     rt: &tokio::runtime::Runtime,
     size: usize,
-    appenders: usize,
+    in_flight: usize,
+    batch: usize,
     seconds: f64,
     store: Option<Arc<Store>>,
 ) -> (hdrhistogram::Histogram<u64>, u64) {
+    let appenders = (in_flight / batch).max(1);
     // Set when the run ends: one clock read per append fewer than comparing with a deadline.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     rt.block_on(async {
@@ -388,7 +437,9 @@ fn drive(
                 let mut n = a as u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let t = Instant::now();
-                    let msgs = vec![message(size, n, &body)];
+                    let msgs: Vec<AppendMessage> = (0..batch as u64)
+                        .map(|i| message(size, n * batch as u64 + i, &body))
+                        .collect();
                     match &store {
                         Some(s) => {
                             s.append(msgs).await.expect("append");
@@ -567,13 +618,20 @@ fn main() -> anyhow::Result<()> {
         "runs: {} s each, median of {}; 2-thread tokio runtime drives the appenders on the same 2 cores",
         args.seconds, args.repeats
     );
+    if args.batch > 1 {
+        println!(
+            "batches: each appender sends {} messages per append; \"in flight\" counts messages \
+             (in flight / {} appenders), latencies are per append",
+            args.batch, args.batch
+        );
+    }
     // The load generator's own ceiling: its tasks, messages and histograms with no store.
     // Every figure below shares the 2 cores with this much work per append. (Not in the
     // single-run modes, which are for profiling the store.)
     let single =
         args.only_flush.is_some() || args.only_inflight.is_some() || args.only_size.is_some();
     if !single {
-        let (_, made) = drive(&rt, 1024, 4096, args.seconds, None);
+        let (_, made) = drive(&rt, 1024, 4096, 1, args.seconds, None);
         let gen_rate = made as f64 / args.seconds;
         println!(
             "load generator alone (no store; 1 KiB, 4096 appenders): {:.0} appends/s, {:.2} µs of the 2 cores per append; \
@@ -581,6 +639,27 @@ fn main() -> anyhow::Result<()> {
             gen_rate,
             2e6 / gen_rate,
             0.8 * bw / (1024 + 62 + 8 + 16) as f64
+        );
+    }
+    // The disk alone at the group sizes of the Sync rows (1 KiB records, one per
+    // appender in flight): what a group commit could make durable with no CPU work at all.
+    let sync_runs = args.only_flush.as_deref().is_none_or(|f| f == "sync");
+    if sync_runs && args.setup.fsync_delay_ms == 0 {
+        let rec = 1024 + 62 + 8 + 16;
+        let mut parts = Vec::new();
+        for n in [16usize, 128, 256, 2048, 4096] {
+            let (rate, per) =
+                group_commit_probe(&args.dir, n * rec, if args.quick { 0.5 } else { 1.0 })?;
+            parts.push(format!(
+                "{n} → {:.0} MB/s ({:.0} µs each, {:.0}% of the buffered bandwidth)",
+                rate / 1e6,
+                per * 1e6,
+                100.0 * rate / bw
+            ));
+        }
+        println!(
+            "disk alone, pwrite + fdatasync of one group of 1 KiB records in a loop, by records per group: {}",
+            parts.join("; ")
         );
     }
     println!();
@@ -619,7 +698,8 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             for &n in inflight {
-                if args.only_inflight.is_some_and(|i| i != n) {
+                // A batch larger than the in-flight count would put more in flight.
+                if args.only_inflight.is_some_and(|i| i != n) || n < args.batch {
                     continue;
                 }
                 let mut runs = Vec::new();
@@ -631,6 +711,7 @@ fn main() -> anyhow::Result<()> {
                         flush,
                         size,
                         n,
+                        args.batch,
                         args.seconds,
                         &args.setup,
                     )?);
