@@ -1141,7 +1141,12 @@ impl Store {
 
     /// Reads records, one `pread` per run of nearby records in the same segment.
     fn read_records(&self, chosen: &[(u64, CqEntry)]) -> Result<Vec<StoredMessage>, StoreError> {
-        const GAP: u64 = 64 << 10;
+        // Records at most this far apart share a `pread`, which copies the bytes between
+        // them too. A page: a `pread` costs about as much as copying a few KiB, so a wider
+        // gap is cheaper skipped. A queue's records are interleaved with every other
+        // queue's in the log; with 64 KiB, reading one of 8 busy queues copied all 8
+        // (`store_bench` reads: 0.62–0.67M msgs/s, against 1.03–1.07M with 4 KiB).
+        const GAP: u64 = 4 << 10;
         let clog = &self.shared.clog;
         let mut out = Vec::with_capacity(chosen.len());
         let written = self.shared.written.load(Ordering::Acquire);
