@@ -198,13 +198,17 @@ fn disk_bandwidth(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     Ok(bytes as f64 / secs)
 }
 
-/// The disk alone doing what a Sync group commit of `group` bytes does, with no CPU work
-/// around it: a `pwrite` of `group` bytes and an fdatasync, one after another for
-/// `seconds`, into a file zero-filled beforehand (as the store's segments are; the writes
-/// wrap around inside it). Returns (durable bytes per second, seconds per write +
-/// fdatasync): with one fdatasync in flight, the most a group commit carrying `group`
-/// bytes can make durable per second on this disk.
-fn group_commit_probe(dir: &Path, group: usize, seconds: f64) -> anyhow::Result<(f64, f64)> {
+/// The disk alone doing what a Sync group commit does, with no CPU work around it: for each
+/// of `groups` (in bytes), a `pwrite` of that many bytes and an fdatasync, one after another
+/// for `seconds`, into a file zero-filled beforehand (as the store's segments are; the
+/// writes wrap around inside it). Returns (durable bytes per second, seconds per write +
+/// fdatasync) per group size: with one fdatasync in flight, the most a group commit of that
+/// size can make durable per second on this disk.
+fn group_commit_probe(
+    dir: &Path,
+    groups: &[usize],
+    seconds: f64,
+) -> anyhow::Result<Vec<(f64, f64)>> {
     const FILE: u64 = 256 << 20;
     let path = dir.join("group.dat");
     let f = std::fs::File::create(&path)?;
@@ -215,22 +219,26 @@ fn group_commit_probe(dir: &Path, group: usize, seconds: f64) -> anyhow::Result<
         off += zeros.len() as u64;
     }
     f.sync_data()?;
-    let buf = vec![0x5Au8; group];
-    let (mut off, mut ops) = (0u64, 0u64);
-    let t = Instant::now();
-    while t.elapsed().as_secs_f64() < seconds {
-        if off + group as u64 > FILE {
-            off = 0;
+    let mut out = Vec::new();
+    for &group in groups {
+        let buf = vec![0x5Au8; group];
+        let (mut off, mut ops) = (0u64, 0u64);
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() < seconds {
+            if off + group as u64 > FILE {
+                off = 0;
+            }
+            f.write_all_at(&buf, off)?;
+            f.sync_data()?;
+            off += group as u64;
+            ops += 1;
         }
-        f.write_all_at(&buf, off)?;
-        f.sync_data()?;
-        off += group as u64;
-        ops += 1;
+        let secs = t.elapsed().as_secs_f64();
+        out.push((ops as f64 * group as f64 / secs, secs / ops as f64));
     }
-    let secs = t.elapsed().as_secs_f64();
     drop(f);
     std::fs::remove_file(&path)?;
-    Ok((ops as f64 * group as f64 / secs, secs / ops as f64))
+    Ok(out)
 }
 
 /// Median time of an fdatasync after a 4 KiB append. With `delay` (the emulated slower
@@ -249,6 +257,11 @@ fn fsync_latency(dir: &Path, n: usize, delay: Duration) -> anyhow::Result<f64> {
     drop(f);
     std::fs::remove_file(&path)?;
     Ok(median(lat))
+}
+
+/// Bytes in the log of one of [`message`]'s records with a body of `size` bytes.
+fn record_len(size: usize) -> usize {
+    message(size, 0, &Bytes::from(vec![0u8; size])).encoded_len()
 }
 
 fn message(size: usize, n: u64, body: &Bytes) -> AppendMessage {
@@ -635,25 +648,28 @@ fn main() -> anyhow::Result<()> {
          80% of the disk probe is {:.0} appends/s of 1 KiB",
             gen_rate,
             2e6 / gen_rate,
-            0.8 * bw / (1024 + 62 + 8 + 16) as f64
+            0.8 * bw / record_len(1024) as f64
         );
     }
     // The disk alone at the group sizes of the Sync rows (1 KiB records, one per
     // appender in flight): what a group commit could make durable with no CPU work at all.
     let sync_runs = args.only_flush.as_deref().is_none_or(|f| f == "sync");
     if sync_runs && args.setup.fsync_delay_ms == 0 {
-        let rec = 1024 + 62 + 8 + 16;
-        let mut parts = Vec::new();
-        for n in [16usize, 128, 256, 2048, 4096] {
-            let (rate, per) =
-                group_commit_probe(&args.dir, n * rec, if args.quick { 0.5 } else { 1.0 })?;
-            parts.push(format!(
-                "{n} → {:.0} MB/s ({:.0} µs each, {:.0}% of the buffered bandwidth)",
-                rate / 1e6,
-                per * 1e6,
-                100.0 * rate / bw
-            ));
-        }
+        let groups = [16usize, 128, 256, 2048, 4096];
+        let bytes: Vec<usize> = groups.iter().map(|n| n * record_len(1024)).collect();
+        let probed = group_commit_probe(&args.dir, &bytes, if args.quick { 0.5 } else { 1.0 })?;
+        let parts: Vec<String> = groups
+            .iter()
+            .zip(probed)
+            .map(|(n, (rate, per))| {
+                format!(
+                    "{n} → {:.0} MB/s ({:.0} µs each, {:.0}% of the buffered bandwidth)",
+                    rate / 1e6,
+                    per * 1e6,
+                    100.0 * rate / bw
+                )
+            })
+            .collect();
         println!(
             "disk alone, pwrite + fdatasync of one group of 1 KiB records in a loop, by records per group: {}",
             parts.join("; ")
@@ -726,7 +742,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 runs.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
                 let m = &runs[runs.len() / 2];
-                let rec = (size + 62 + 8 + 16) as f64;
+                let rec = record_len(size) as f64;
                 let (bound, bound_name) = if flush == FlushPolicy::Sync {
                     let b = (n as f64 * rec / fsync).min(bw);
                     (b, format!("{:.1} MB/s (fsync)", b / 1e6))
