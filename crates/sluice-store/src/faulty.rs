@@ -53,6 +53,8 @@ pub struct Faults {
     pub syncs: AtomicU64,
     /// Number of `start_write_back` calls (writeback hints).
     pub write_back_hints: AtomicU64,
+    /// Bytes returned by reads of any file.
+    pub read_bytes: AtomicU64,
     synced_len: Mutex<HashMap<PathBuf, u64>>,
     /// Per file, writeback errors injected so far and whether the latest was reported.
     wb_errors: Mutex<HashMap<PathBuf, (u64, bool)>>,
@@ -156,7 +158,9 @@ impl VFile for FaultyFile {
         Ok(())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
+        let n = self.inner.read_at(buf, offset)?;
+        self.faults.read_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.faults.before_sync()?;
