@@ -1106,22 +1106,35 @@ impl Store {
             return Ok(batch);
         }
         let scan = (max_msgs as u64 * 16).max(1024);
-        let entries = q
-            .read(self.shared.vfs.as_ref(), offset, scan)
-            .map_err(|e| StoreError::io("read consume queue", &self.shared.cq_root, e))?;
         let mut chosen: Vec<(u64, CqEntry)> = Vec::new();
         let mut bytes = 0u64;
         let mut next = offset;
-        for (i, e) in entries.iter().enumerate() {
-            if chosen.len() as u32 >= max_msgs || (bytes >= max_bytes && !chosen.is_empty()) {
+        // Entries are read `max_msgs` at first and twice as many each time after, up to
+        // `scan`: a read that takes every entry reads no more of them than it returns, and
+        // one that filters most out still gets to the scan limit in a few reads.
+        let (mut scanned, mut chunk) = (0u64, (max_msgs as u64).clamp(1, scan));
+        'scan: while scanned < scan {
+            let want = chunk.min(scan - scanned);
+            let entries = q
+                .read(self.shared.vfs.as_ref(), offset + scanned, want)
+                .map_err(|e| StoreError::io("read consume queue", &self.shared.cq_root, e))?;
+            for (i, e) in entries.iter().enumerate() {
+                if chosen.len() as u32 >= max_msgs || (bytes >= max_bytes && !chosen.is_empty()) {
+                    break 'scan;
+                }
+                let qoff = offset + scanned + i as u64;
+                next = qoff + 1;
+                if e.is_hole() || e.clog_offset < clog_min || !filter(e) {
+                    continue;
+                }
+                bytes += e.size as u64;
+                chosen.push((qoff, *e));
+            }
+            if (entries.len() as u64) < want {
                 break;
             }
-            next = offset + i as u64 + 1;
-            if e.is_hole() || e.clog_offset < clog_min || !filter(e) {
-                continue;
-            }
-            bytes += e.size as u64;
-            chosen.push((offset + i as u64, *e));
+            scanned += want;
+            chunk = chunk.saturating_mul(2);
         }
         batch.messages = self.read_records(&chosen)?;
         for (m, (qoff, _)) in batch.messages.iter().zip(&chosen) {

@@ -233,6 +233,66 @@ fn reading_one_of_many_interleaved_queues_reads_its_records_not_the_others() {
 }
 
 #[test]
+fn filtered_reads_choose_what_one_pass_over_the_scan_limit_would() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = StoreConfig::small(dir.path());
+    c.segment_size = 4 << 20;
+    let s = Store::open(c).expect("open");
+    // 3,000 entries, one in 97 tagged "hit", bodies of varying size.
+    let hit = |i: u64| i.is_multiple_of(97);
+    let size = |i: u64| 10 + (i * 7919 % 300) as usize;
+    // What a read counts against `max_bytes`: the record's size in the log.
+    let mut record = Vec::new();
+    for chunk in (0..3000u64).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<AppendMessage> = chunk
+            .iter()
+            .map(|&i| {
+                let mut m = msg("t", 0, i);
+                m.properties.retain(|(k, _)| k != PROP_TAGS);
+                m.properties
+                    .push((PROP_TAGS.into(), if hit(i) { "hit" } else { "miss" }.into()));
+                m.body = Bytes::from(vec![b'b'; size(i)]);
+                m
+            })
+            .collect();
+        record.extend(batch.iter().map(|m| m.encoded_len() as u64));
+        s.append_blocking(batch).expect("append");
+    }
+    let h = tag_hash("hit");
+    // The model: one pass over at most `max(max_msgs * 16, 1024)` entries from `offset`.
+    let model = |offset: u64, max_msgs: u32, max_bytes: u64| {
+        let scan = (max_msgs as u64 * 16).max(1024);
+        let (mut chosen, mut bytes, mut next) = (Vec::new(), 0u64, offset);
+        for q in offset..(offset + scan).min(3000) {
+            if chosen.len() as u32 >= max_msgs || (bytes >= max_bytes && !chosen.is_empty()) {
+                break;
+            }
+            next = q + 1;
+            if hit(q) {
+                bytes += record[q as usize];
+                chosen.push(q);
+            }
+        }
+        (chosen, next)
+    };
+    for offset in [0u64, 1, 96, 97, 500, 1999, 2900, 2999] {
+        for max_msgs in [0u32, 1, 2, 4, 7, 20, 64, 100] {
+            for max_bytes in [1u64, 400, 1 << 20] {
+                let b = s
+                    .read("t", 0, offset, max_msgs, max_bytes, |e| e.tag_hash == h)
+                    .expect("read");
+                let got: Vec<u64> = b.messages.iter().map(|m| m.queue_offset).collect();
+                assert_eq!(
+                    (got, b.next_offset),
+                    model(offset, max_msgs, max_bytes),
+                    "offset {offset}, max_msgs {max_msgs}, max_bytes {max_bytes}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn segments_roll_and_records_never_span_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = StoreConfig::small(dir.path());
