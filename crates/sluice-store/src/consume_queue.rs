@@ -319,7 +319,8 @@ impl ConsumeQueue {
         tail.first
     }
 
-    /// Reads up to `max` entries from `from`, stopping at `visible`.
+    /// Reads up to `max` entries from `from`, stopping at `visible` (or at a file that
+    /// retention removed, see [`Self::read_files`]): entry `i` is the one at `from + i`.
     pub fn read(&self, vfs: &dyn Vfs, from: u64, max: u64) -> io::Result<Vec<CqEntry>> {
         let end = self
             .visible
@@ -327,12 +328,17 @@ impl ConsumeQueue {
             .min(from.saturating_add(max));
         let mut from_tail = Vec::new();
         let in_files = self.read_tail(from, end, &mut from_tail);
-        let mut out = self.read_files(vfs, from, end.min(in_files))?;
-        out.append(&mut from_tail);
+        let files_end = end.min(in_files).max(from);
+        let mut out = self.read_files(vfs, from, files_end)?;
+        if out.len() as u64 == files_end - from {
+            out.append(&mut from_tail);
+        }
         Ok(out)
     }
 
-    /// Reads the entries `from..end` from the files (all of them must be there).
+    /// Reads the entries `from..end` from the files. Entry `i` of the result is the entry
+    /// at offset `from + i`: at a file that retention removed (only ever below the queue's
+    /// minimum, which a reader may have checked just before it moved) the result ends.
     fn read_files(&self, vfs: &dyn Vfs, from: u64, end: u64) -> io::Result<Vec<CqEntry>> {
         let mut out = Vec::new();
         let mut off = from;
@@ -341,9 +347,7 @@ impl ConsumeQueue {
             let start = off / self.entries_per_file * self.entries_per_file;
             let stop = end.min(start + self.entries_per_file);
             let Some(f) = self.file_for(vfs, start, false)? else {
-                // A file removed by retention: skip to the next one.
-                off = start + self.entries_per_file;
-                continue;
+                break;
             };
             buf.resize(((stop - off) * CQ_ENTRY_SIZE) as usize, 0);
             f.read_exact_at(&mut buf, (off - start) * CQ_ENTRY_SIZE)?;
@@ -564,6 +568,10 @@ mod tests {
         // The file holding entries 0..4 is gone; the next file starts at entry 4.
         assert_eq!(q.read(&fs, 4, 100).expect("read")[0], e(4));
         assert!(!dir.path().join("t").join("0").join(offset_name(0)).exists());
+        // A reader that looked at the minimum before retention moved it asks for entries
+        // the removed file held: it gets none, never a later entry in their place.
+        assert_eq!(q.read(&fs, 2, 4).expect("read"), vec![]);
+        assert_eq!(q.read(&fs, 0, 100).expect("read"), vec![]);
     }
 
     #[test]

@@ -1136,7 +1136,30 @@ impl Store {
             scanned += want;
             chunk = chunk.saturating_mul(2);
         }
-        batch.messages = self.read_records(&chosen)?;
+        // Retention moved the queue's minimum past `offset` since it was checked above
+        // (its files end the entries read, see `ConsumeQueue::read`): say so, as if it had
+        // moved before.
+        let min_now = q.min_offset.load(Ordering::Acquire);
+        if next == offset && offset < min_now {
+            batch.status = ReadStatus::OffsetTooSmall;
+            batch.next_offset = min_now;
+            batch.min_offset = min_now;
+            return Ok(batch);
+        }
+        // Retention may delete segments after `clog_min` was read: their records are gone
+        // as if they had been below it, so they are dropped and the rest read again (the
+        // active segment is never deleted, so this ends).
+        batch.messages = loop {
+            match self.read_records(&chosen) {
+                Err(StoreError::OffsetGone(gone))
+                    if gone < self.shared.clog.min_offset.load(Ordering::Acquire) =>
+                {
+                    let clog_min = self.shared.clog.min_offset.load(Ordering::Acquire);
+                    chosen.retain(|(_, e)| e.clog_offset >= clog_min);
+                }
+                r => break r?,
+            }
+        };
         for (m, (qoff, _)) in batch.messages.iter().zip(&chosen) {
             if m.topic != topic || m.queue_id != queue_id || m.queue_offset != *qoff {
                 return Err(self.shared.clog.corrupt(

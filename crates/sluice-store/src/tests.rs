@@ -293,6 +293,62 @@ fn filtered_reads_choose_what_one_pass_over_the_scan_limit_would() {
 }
 
 #[test]
+fn readers_at_the_minimum_while_retention_deletes_see_no_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = StoreConfig::small(dir.path());
+    c.segment_size = 16 << 10;
+    c.max_record_size = 4 << 10;
+    c.cq_entries_per_file = 8;
+    c.disk_budget = Some(48 << 10);
+    let s = Arc::new(Store::open(c).expect("open"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Appends and retention, one after another, while the reader below chases the minimum.
+    let w = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let batch = (0..4)
+                    .map(|k| AppendMessage {
+                        body: Bytes::from(vec![b'r'; 700]),
+                        ..msg("t", 0, i + k)
+                    })
+                    .collect();
+                s.append_blocking(batch).expect("append");
+                i += 4;
+                s.run_retention().expect("retention");
+            }
+            i
+        })
+    };
+    let (mut reads, mut got) = (0u64, 0u64);
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < deadline {
+        let (min, _) = s.queue_offsets("t", 0);
+        match s.read("t", 0, min, 8, u64::MAX, |_| true) {
+            Ok(b) => {
+                reads += 1;
+                got += b.messages.len() as u64;
+                for m in &b.messages {
+                    assert!(m.queue_offset >= min && m.queue_offset < b.next_offset);
+                }
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                panic!("a read at the minimum failed while retention ran: {e}");
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let appended = w.join().expect("writer");
+    assert!(
+        appended > 0 && reads > 0 && got > 0,
+        "{appended} appended, {reads} reads, {got} messages"
+    );
+    assert!(s.queue_offsets("t", 0).0 > 0, "retention never ran");
+}
+
+#[test]
 fn segments_roll_and_records_never_span_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = StoreConfig::small(dir.path());
