@@ -349,6 +349,68 @@ fn readers_at_the_minimum_while_retention_deletes_see_no_error() {
 }
 
 #[test]
+fn a_reader_following_the_writer_sees_every_record_once_and_in_order() {
+    for flush in [FlushPolicy::Sync, ASYNC] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = StoreConfig::small(dir.path());
+        c.flush = flush;
+        c.segment_size = 64 << 10;
+        c.max_record_size = 4 << 10;
+        // Small queue files and few handles: the reader crosses file ends, tail flushes and
+        // handle evictions while it follows.
+        c.cq_entries_per_file = 16;
+        c.open_queue_files = 2;
+        let s = Arc::new(Store::open(c).expect("open"));
+        const N: u64 = 3000;
+        let body =
+            |q: u32, i: u64| Bytes::from(format!("{q}:{i}:{}", "f".repeat((i % 97) as usize)));
+        let w = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let (mut i, mut k) = ([0u64; 3], 0u64);
+                while i[0] < N {
+                    // 1–3 messages to queues 0, 1 and 2 in turn.
+                    let q = (k % 3) as u32;
+                    let n = 1 + k % 3;
+                    let batch = (0..n)
+                        .map(|j| AppendMessage {
+                            body: body(q, i[q as usize] + j),
+                            ..msg("f", q, i[q as usize] + j)
+                        })
+                        .collect();
+                    s.append_blocking(batch).expect("append");
+                    i[q as usize] += n;
+                    k += 1;
+                }
+            })
+        };
+        let (mut next, mut expect) = (0u64, 0u64);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while expect < N {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck at {expect} ({flush:?})"
+            );
+            let b = s.read("f", 0, next, 7, u64::MAX, |_| true).expect("read");
+            match b.status {
+                ReadStatus::Found => {
+                    for m in &b.messages {
+                        assert_eq!(m.queue_offset, expect, "{flush:?}");
+                        assert_eq!(m.body, body(0, expect), "{flush:?}");
+                        expect += 1;
+                    }
+                    assert_eq!(b.next_offset, expect, "{flush:?}");
+                    next = b.next_offset;
+                }
+                ReadStatus::NoNewMessage | ReadStatus::NoSuchQueue => std::thread::yield_now(),
+                other => panic!("{other:?} at {next} ({flush:?})"),
+            }
+        }
+        w.join().expect("writer");
+    }
+}
+
+#[test]
 fn segments_roll_and_records_never_span_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = StoreConfig::small(dir.path());
