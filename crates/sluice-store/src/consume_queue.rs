@@ -477,7 +477,9 @@ impl ConsumeQueue {
                 _ => hi = mid,
             }
         }
-        Ok(lo)
+        // Retention may have moved the minimum meanwhile (its removed files read as no
+        // entry, which sends the search down): never answer below it.
+        Ok(lo.max(self.min_offset.load(Ordering::Acquire)))
     }
 
     /// Retention: moves the minimum offset past entries below `clog_min` and deletes files
