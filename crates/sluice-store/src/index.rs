@@ -449,8 +449,10 @@ impl Index {
     /// Candidate commit-log offsets for `hash` with store time in `[begin, end]`, newest first.
     pub fn lookup(&self, hash: u64, begin: i64, end: i64, max: usize) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();
+        let active_seq;
         {
             let a = self.active.lock();
+            active_seq = a.seq;
             let mut n = a.slots[(hash % self.slot_count as u64) as usize];
             while n != 0 && out.len() < max {
                 let Some(e) = a.entries.get(n as usize - 1) else {
@@ -469,6 +471,11 @@ impl Index {
         for s in sealed.iter().rev() {
             if out.len() >= max {
                 break;
+            }
+            // Sealed after its entries were read above as the active file (the writer can
+            // seal between the two locks): read once, not twice.
+            if s.seq >= active_seq {
+                continue;
             }
             if s.end_ts < begin || s.begin_ts > end || s.slot_count == 0 {
                 continue;
