@@ -8,7 +8,10 @@
 //! Power loss is modelled per file: bytes written since the file's last successful
 //! `sync_data` are undone (their previous contents, zeros in allocated space, are put
 //! back, in reverse order) and the file is cut to its length at that sync. Allocations
-//! and truncations count as durable at once (metadata).
+//! and truncations count as durable at once (metadata). A file created since the last
+//! sync of its directory (or the last `syncfs`) disappears: its directory entry was not
+//! durable. New directories, and renames and removals of older files, count as durable
+//! at once.
 //!
 //! Writeback errors follow Linux's `errseq_t`: an error is reported once to each open
 //! handle of the file, by the next call that waits for writeback through it (`sync_data`,
@@ -16,7 +19,7 @@
 //! it too. Two threads sharing one handle therefore share one report: whichever waits first
 //! consumes it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,6 +65,8 @@ pub struct Faults {
     fs_wb_errors: Mutex<(u64, bool)>,
     /// Per file, what un-synced writes overwrote inside the synced length.
     undo: Mutex<HashMap<PathBuf, Vec<Overwritten>>>,
+    /// Files created since their directory (or the file system) was last synced.
+    new_entries: Mutex<HashSet<PathBuf>>,
 }
 
 impl Faults {
@@ -115,6 +120,15 @@ impl<F: Vfs> FaultyFs<F> {
     /// Simulates power loss: cuts every file written through this file system back to the
     /// length it had at its last successful sync. Call it with the store closed or dropped.
     pub fn lose_unsynced(&self) -> io::Result<()> {
+        // Created without a durable directory entry: gone.
+        for path in std::mem::take(&mut *self.faults.new_entries.lock()) {
+            self.faults.synced_len.lock().remove(&path);
+            self.faults.undo.lock().remove(&path);
+            match self.inner.remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         let synced = self.faults.synced_len.lock().clone();
         let mut undo = std::mem::take(&mut *self.faults.undo.lock());
         for (path, len) in synced {
@@ -300,6 +314,7 @@ impl<F: Vfs + Clone> FsSync for FaultyFsSync<F> {
         }
         drop(synced);
         self.faults.undo.lock().clear();
+        self.faults.new_entries.lock().clear();
         self.faults.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -312,6 +327,9 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
         let inner = self.inner.open(path, create)?;
+        if !existed {
+            self.faults.new_entries.lock().insert(path.to_path_buf());
+        }
         let mut synced = self.faults.synced_len.lock();
         // A file that existed before we saw it counts as synced as it is.
         let len = if existed { inner.len()? } else { 0 };
@@ -328,6 +346,7 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
         }))
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.faults.new_entries.lock().remove(path);
         self.faults.synced_len.lock().remove(path);
         self.faults.undo.lock().remove(path);
         self.inner.remove_file(path)
@@ -342,7 +361,12 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
         if self.faults.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        self.inner.sync_dir(path)
+        self.inner.sync_dir(path)?;
+        self.faults
+            .new_entries
+            .lock()
+            .retain(|p| p.parent() != Some(path));
+        Ok(())
     }
     fn open_fs_sync(&self, path: &Path) -> io::Result<Arc<dyn FsSync>> {
         Ok(Arc::new(FaultyFsSync {
@@ -354,6 +378,12 @@ impl<F: Vfs + Clone> Vfs for FaultyFs<F> {
         }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        {
+            let mut new = self.faults.new_entries.lock();
+            if new.remove(from) {
+                new.insert(to.to_path_buf());
+            }
+        }
         let mut synced = self.faults.synced_len.lock();
         if let Some(len) = synced.remove(from) {
             synced.insert(to.to_path_buf(), len);
