@@ -292,14 +292,20 @@ fn filtered_reads_choose_what_one_pass_over_the_scan_limit_would() {
     }
 }
 
-#[test]
-fn readers_at_the_minimum_while_retention_deletes_see_no_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = StoreConfig::small(dir.path());
+/// Small segments and queue files under a disk budget of three segments: retention deletes
+/// every few dozen appends of 700 B.
+fn busy_retention(c: &mut StoreConfig) {
     c.segment_size = 16 << 10;
     c.max_record_size = 4 << 10;
     c.cq_entries_per_file = 8;
     c.disk_budget = Some(48 << 10);
+}
+
+#[test]
+fn readers_at_the_minimum_while_retention_deletes_see_no_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = StoreConfig::small(dir.path());
+    busy_retention(&mut c);
     let s = Arc::new(Store::open(c).expect("open"));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Appends and retention, one after another, while the reader below chases the minimum.
@@ -415,10 +421,7 @@ fn power_loss_after_retention_keeps_every_queue_readable_from_its_minimum() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s, _faults, fs, c) = faulty_with(dir.path(), |c| {
         c.flush = FlushPolicy::Sync;
-        c.segment_size = 16 << 10;
-        c.max_record_size = 4 << 10;
-        c.cq_entries_per_file = 8;
-        c.disk_budget = Some(48 << 10);
+        busy_retention(c);
     });
     for i in 0..300u64 {
         let batch = (0..4)
