@@ -1147,15 +1147,14 @@ impl Store {
             return Ok(batch);
         }
         // Retention may delete segments after `clog_min` was read: their records are gone
-        // as if they had been below it, so they are dropped and the rest read again (the
-        // active segment is never deleted, so this ends).
+        // as if they had been below it, so they are dropped and the rest read again (each
+        // retry drops at least the record that was gone, so this ends).
         batch.messages = loop {
+            let clog_min = || self.shared.clog.min_offset.load(Ordering::Acquire);
             match self.read_records(&chosen) {
-                Err(StoreError::OffsetGone(gone))
-                    if gone < self.shared.clog.min_offset.load(Ordering::Acquire) =>
-                {
-                    let clog_min = self.shared.clog.min_offset.load(Ordering::Acquire);
-                    chosen.retain(|(_, e)| e.clog_offset >= clog_min);
+                Err(StoreError::OffsetGone(gone)) if gone < clog_min() => {
+                    let min = clog_min();
+                    chosen.retain(|(_, e)| e.clog_offset >= min);
                 }
                 r => break r?,
             }
